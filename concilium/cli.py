@@ -1,0 +1,39 @@
+"""`concilium` command line. Each area registers its own subcommands; imports stay lazy so the
+CLI starts fast and `concilium policy check` does not load torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# Modules exposing `register(subparsers)`. A module that is not present is skipped.
+COMMAND_MODULES = [
+    "concilium.gateway.cli",  # serve
+    "concilium.policy.cli",  # policy check
+    "concilium.router.cli",  # router train / eval / calibrate
+    "concilium.specialists.runtime.cli",  # serve-model
+    "concilium.workers.cli",  # worker
+    "concilium.gateway.keys_cli",  # keys create
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="concilium", description="Concilium society-of-models gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc = args.func(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""POST /v1/chat/completions: decide, call down the plan, answer in OpenAI's shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from concilium.gateway.errors import APIError, sse_error
+from concilium.gateway.schemas import ChatCompletionRequest
+from concilium.gateway.state import Snapshot, plan_headers
+from concilium.router.decide import DecisionError, decide
+from concilium.router.plan import RoutePlan
+from concilium.specialists import call
+from concilium.specialists.base import ProviderError
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def request_id(request: Request) -> str:
+    rid = request.headers.get("x-request-id")
+    if rid and len(rid) <= 128 and rid.isascii() and rid.replace("-", "").replace("_", "").isalnum():
+        return rid
+    return uuid.uuid4().hex
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    ctype = request.headers.get("content-type", "application/json")
+    if "json" not in ctype:
+        raise APIError(415, f"expected an application/json body, got content-type {ctype!r}",
+                       code="unsupported_media_type")
+    raw = await request.body()
+    if not raw:
+        raise APIError(400, "the request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise APIError(400, f"could not parse the JSON body: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"expected a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+def validate(model: type, body: dict[str, Any]) -> None:
+    try:
+        model.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param,
+                       code="invalid_request") from None
+
+
+def plan_request(snap: Snapshot, body: dict[str, Any], rid: str) -> RoutePlan:
+    try:
+        plan = decide(body, snap.policy, dispatcher=snap.dispatcher, availability=snap.availability,
+                      request_id=rid)
+    except DecisionError as e:
+        raise APIError(e.status, e.message, code=e.code, param="model") from None
+    return plan
+
+
+def no_candidates(plan: RoutePlan) -> APIError:
+    why = "; ".join(f"{s.model}: {s.reason}" for s in plan.skipped) or "the route lists no callable model"
+    return APIError(503, f"no model can answer this request right now ({why})", code="no_available_model",
+                    headers=plan_headers(plan))
+
+
+def _provider_error(e: ProviderError | call.AllCandidatesFailed, plan: RoutePlan) -> APIError:
+    if isinstance(e, call.AllCandidatesFailed):
+        last = e.last
+        status = 429 if last is not None and last.status == 429 else 502
+        if last is not None and last.status == 504:
+            status = 504
+        return APIError(status, str(e), code="all_candidates_failed", headers=plan_headers(plan),
+                        type="rate_limit_error" if status == 429 else "api_error")
+    return APIError(e.status if 400 <= e.status < 600 else 502, e.message, code=e.code,
+                    headers=plan_headers(plan))
+
+
+async def _until_disconnect(request: Request) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def chat_completions(request: Request) -> Response:
+    state = request.app.state.gateway
+    metrics = request.app.state.metrics
+    t0 = time.perf_counter()
+    rid = request_id(request)
+    body = await read_json(request)
+    validate(ChatCompletionRequest, body)
+    snap: Snapshot = state.current
+    plan = plan_request(snap, body, rid)
+    if not plan.candidates:
+        metrics.requests.labels("none", plan.route, "unavailable").inc()
+        raise no_candidates(plan)
+    jobs = getattr(request.app.state, "jobs", None)
+    if plan.mode == "background" and jobs is not None:
+        return await jobs.divert_chat(request, body, plan, snap)
+    if body.get("stream"):
+        return await _stream(request, body, plan, snap, t0)
+    return await _complete(request, body, plan, snap, t0)
+
+
+async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float) -> Response:
+    metrics = request.app.state.metrics
+    task = asyncio.ensure_future(call.complete(plan, body, snap.ctx))
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():  # the client went away: stop the upstream call
+        task.cancel()
+        metrics.requests.labels(plan.candidates[0].model, plan.route, "cancelled").inc()
+        return Response(status_code=499)
+    try:
+        model, result, attempts = task.result()
+    except (ProviderError, call.AllCandidatesFailed) as e:
+        metrics.requests.labels(plan.candidates[0].model, plan.route, "error").inc()
+        raise _provider_error(e, plan) from None
+    usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
+    metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, snap.cost_usd(model, usage))
+    if attempts:
+        metrics.fallbacks.labels(plan.route).inc()
+    return Response(orjson.dumps(result), media_type="application/json", headers=plan_headers(plan, model))
+
+
+async def _stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float) -> Response:
+    metrics = request.app.state.metrics
+    try:
+        handle = await call.stream(plan, body, snap.ctx)
+    except (ProviderError, call.AllCandidatesFailed) as e:
+        metrics.requests.labels(plan.candidates[0].model, plan.route, "error").inc()
+        raise _provider_error(e, plan) from None
+    metrics.ttft.labels(handle.model, plan.route).observe(time.perf_counter() - t0)
+    if handle.attempts:
+        metrics.fallbacks.labels(plan.route).inc()
+    want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    return StreamingResponse(
+        _relay(handle, plan, snap, metrics, want_usage, t0),
+        media_type="text/event-stream",
+        headers={**plan_headers(plan, handle.model), "cache-control": "no-cache"},
+    )
+
+
+async def _relay(handle: call.StreamHandle, plan: RoutePlan, snap: Snapshot, metrics: Any,
+                 want_usage: bool, t0: float) -> AsyncIterator[bytes]:
+    usage: dict | None = None
+    status = "ok"
+    try:
+        for ev in handle.first:
+            yield ev
+        async for ev in handle.rest:
+            if b'"usage":{' in ev or b'"usage": {' in ev:
+                u = orjson.loads(ev[5:]).get("usage")
+                if isinstance(u, dict):
+                    usage = u
+                    if not want_usage and b'"choices":[]' in ev.replace(b" ", b""):
+                        continue  # the client did not ask for the usage chunk
+            yield ev
+        yield _DONE
+    except ProviderError as e:
+        status = "error"
+        yield sse_error(f"the stream from {handle.model} failed after it started: {e.message}",
+                        code=e.code or "stream_failed")
+    except asyncio.CancelledError:
+        status = "cancelled"
+        raise
+    finally:
+        await call._aclose(handle.rest)
+        metrics.record(handle.model, plan.route, status, time.perf_counter() - t0, usage,
+                       snap.cost_usd(handle.model, usage))

@@ -1,0 +1,36 @@
+"""Prometheus metrics: requests, latency, time to first token, tokens and cost per model and route."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("concilium_requests", "Chat requests", ["model", "route", "status"], registry=r)
+        self.latency = Histogram("concilium_request_seconds", "Request latency (to last byte)",
+                                 ["model", "route"], buckets=_LAT_BUCKETS, registry=r)
+        self.ttft = Histogram("concilium_time_to_first_token_seconds", "Time to first streamed token",
+                              ["model", "route"], buckets=_LAT_BUCKETS, registry=r)
+        self.tokens = Counter("concilium_tokens", "Tokens", ["model", "route", "kind"], registry=r)
+        self.cost = Counter("concilium_cost_usd", "Estimated cost in USD", ["model", "route"], registry=r)
+        self.upstream_errors = Counter("concilium_upstream_errors", "Failed provider attempts",
+                                       ["model", "code"], registry=r)
+        self.fallbacks = Counter("concilium_fallbacks", "Requests answered by a later candidate",
+                                 ["route"], registry=r)
+        self.in_flight = Gauge("concilium_requests_in_flight", "Requests being served", registry=r)
+        self.policy_reloads = Counter("concilium_policy_reloads", "Policy reloads", ["result"], registry=r)
+
+    def record(self, model: str, route: str, status: str, seconds: float, usage: dict | None,
+               cost: float | None) -> None:
+        self.requests.labels(model, route, status).inc()
+        self.latency.labels(model, route).observe(seconds)
+        if usage:
+            self.tokens.labels(model, route, "prompt").inc(usage.get("prompt_tokens") or 0)
+            self.tokens.labels(model, route, "completion").inc(usage.get("completion_tokens") or 0)
+        if cost:
+            self.cost.labels(model, route).inc(cost)

@@ -1,0 +1,185 @@
+"""router.decide(request, policy) -> RoutePlan.
+
+One function turns a chat request into a ranked plan. Rules from the policy pick a route; when a
+learned dispatcher is loaded it supplies the prediction the rules match on, and it ranks the route's
+targets by the policy's objective. Models that cannot be called now (no API key, circuit open) are
+moved to `skipped` with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from concilium.policy.schema import Match, Policy, Route
+from concilium.router.plan import Candidate, Prediction, RoutePlan, Skipped
+
+
+class DecisionError(Exception):
+    """The request cannot be routed (unknown model, no route matches). Maps to a 4xx."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "model_not_found") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+class Dispatcher(Protocol):
+    def predict(self, body: dict[str, Any], policy: Policy) -> Prediction: ...
+
+    def rank(
+        self, candidates: list[str], prediction: Prediction, policy: Policy, body: dict[str, Any]
+    ) -> tuple[list[tuple[str, float, float, str]], float | None, str]: ...
+
+
+# Why a model cannot be called right now (None = callable); supplied by the provider registry.
+Availability = Callable[[str], "str | None"]
+
+
+def _metadata(body: dict[str, Any]) -> dict[str, Any]:
+    md = body.get("metadata")
+    return md if isinstance(md, dict) else {}
+
+
+def _matches(m: Match, body: dict[str, Any], requested: str, pred: Prediction | None) -> bool:
+    if m.model is not None and requested not in m.model:
+        return False
+    if m.background is not None and bool(body.get("background")) != m.background:
+        return False
+    if m.reasoning_effort is not None and body.get("reasoning_effort") not in m.reasoning_effort:
+        return False
+    md = _metadata(body)
+    if m.metadata is not None and any(str(md.get(k)) != v for k, v in m.metadata.items()):
+        return False
+    if m.tags is not None:
+        tags = md.get("tags")
+        have = set(tags.split(",")) if isinstance(tags, str) else set(tags or [])
+        if not set(m.tags) <= have:
+            return False
+    if m.category is not None and (pred is None or pred.category not in m.category):
+        return False
+    if m.difficulty is not None:
+        if pred is None or pred.difficulty is None:
+            return False
+        if m.difficulty.min is not None and pred.difficulty < m.difficulty.min:
+            return False
+        if m.difficulty.max is not None and pred.difficulty > m.difficulty.max:
+            return False
+    if m.pii is not None and (pred is None or pred.pii is None or pred.pii != m.pii):
+        return False
+    return True
+
+
+def _describe(m: Match) -> str:
+    parts = [f"{k}={v}" for k, v in m.model_dump(exclude_none=True).items()]
+    return " and ".join(parts) if parts else "always"
+
+
+def _needs_prediction(policy: Policy) -> bool:
+    return any(r.match.category or r.match.difficulty or r.rank for r in policy.routes)
+
+
+def decide(
+    body: dict[str, Any],
+    policy: Policy,
+    *,
+    dispatcher: Dispatcher | None = None,
+    availability: Availability | None = None,
+    request_id: str | None = None,
+    pii: bool | None = None,
+) -> RoutePlan:
+    requested = body.get("model")
+    if not isinstance(requested, str) or not requested:
+        raise DecisionError("'model' is required: a model name or a virtual model such as "
+                            f"{policy.router.virtual_models[0]!r}", code="invalid_request")
+    rid = request_id or uuid.uuid4().hex
+    reasons: list[str] = []
+
+    if requested in policy.models:
+        route: Route | None = next((r for r in policy.routes if requested in r.targets[:1]), None)
+        targets = [requested]
+        fallbacks = [f for f in (route.fallbacks if route else []) if f != requested]
+        route_name, rule = "pinned", f"client asked for {requested}"
+        reasons.append(f"pinned: client asked for {requested}")
+        prediction = None
+        ranked: list[tuple[str, float, float, str]] | None = None
+        threshold = objective = None
+        base_route = route
+    elif requested in policy.router.virtual_models:
+        prediction = None
+        if dispatcher is not None and _needs_prediction(policy):
+            prediction = dispatcher.predict(body, policy)
+        if pii is not None:
+            prediction = prediction or Prediction()
+            prediction.pii = pii
+        base_route = next((r for r in policy.routes if _matches(r.match, body, requested, prediction)), None)
+        if base_route is None:
+            raise DecisionError(f"no route in the policy matches this request for {requested!r}",
+                                status=400, code="no_route")
+        route_name, rule = base_route.name, _describe(base_route.match)
+        reasons.append(f"route {base_route.name}: {rule}")
+        targets, fallbacks = list(base_route.targets), list(base_route.fallbacks)
+        ranked, threshold, objective = None, None, None
+        if prediction is not None and dispatcher is not None and base_route.rank and len(targets) > 1:
+            ranked, threshold, objective = dispatcher.rank(targets, prediction, policy, body)
+            if ranked:
+                reasons.append(f"ranked by {objective}")
+        if prediction is not None and prediction.category:
+            reasons.append(f"category={prediction.category}"
+                           + (f" difficulty={prediction.difficulty:.2f}" if prediction.difficulty is not None else ""))
+    else:
+        known = sorted(policy.models) + list(policy.router.virtual_models)
+        raise DecisionError(f"The model {requested!r} does not exist; available: {', '.join(known)}",
+                            status=404, code="model_not_found")
+
+    order: list[Candidate] = []
+    if ranked:
+        for name, q, cost, why in ranked:
+            order.append(Candidate(model=name, provider=policy.models[name].provider,
+                                   predicted_quality=q, est_cost_usd=cost, reason=why))
+    else:
+        for name in targets:
+            q = prediction.quality.get(name) if prediction else None
+            order.append(Candidate(model=name, provider=policy.models[name].provider,
+                                   predicted_quality=q, reason="target"))
+    seen = {c.model for c in order}
+    for name in fallbacks:
+        if name not in seen:
+            seen.add(name)
+            q = prediction.quality.get(name) if prediction else None
+            order.append(Candidate(model=name, provider=policy.models[name].provider,
+                                   predicted_quality=q, reason="fallback"))
+
+    callable_: list[Candidate] = []
+    skipped: list[Skipped] = []
+    for c in order:
+        why = availability(c.model) if availability else None
+        if why:
+            skipped.append(Skipped(model=c.model, reason=why))
+        else:
+            callable_.append(c)
+    if skipped:
+        reasons.append("skipped " + ", ".join(f"{s.model} ({s.reason})" for s in skipped))
+    if callable_:
+        reasons.insert(0, f"chose {callable_[0].model}")
+
+    r = base_route
+    mode = "background" if (r is not None and r.mode == "background") else "interactive"
+    return RoutePlan(
+        request_id=rid,
+        requested_model=requested,
+        route=route_name,
+        mode=mode,
+        candidates=callable_,
+        skipped=skipped,
+        reasons=reasons,
+        prediction=prediction,
+        rule=rule,
+        objective=objective,
+        threshold=threshold,
+        timeout_s=(r.timeout_s if r and r.timeout_s else None) or policy.limits.default_timeout_s,
+        retries=r.retries if r and r.retries is not None else policy.retry.attempts,
+        queue=(r.queue if r else None),
+    )

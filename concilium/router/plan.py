@@ -1,0 +1,66 @@
+"""The RoutePlan: the router's decision as a plain, serialisable value.
+
+It is what `POST /v1/route` returns, what the response headers summarise and what a background
+job receives. Keep it free of live objects (providers, sessions) so it can cross process lines.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Mode = Literal["interactive", "background"]
+
+
+class Candidate(BaseModel):
+    """One model the plan may call, in rank order."""
+
+    model: str  # the policy's model name
+    provider: str  # provider kind: local | openai | litellm
+    predicted_quality: float | None = None  # P(answers well), 0..1, when a predictor ran
+    est_cost_usd: float | None = None  # estimated cost of this request on this model
+    reason: str = ""  # why it is here (route target, fallback, ranked by objective, ...)
+
+
+class Skipped(BaseModel):
+    """A model the plan would have used but cannot call now, and why."""
+
+    model: str
+    reason: str
+
+
+class Prediction(BaseModel):
+    """What the learned dispatcher predicted for the request (absent for rule-only decisions)."""
+
+    category: str | None = None
+    category_probs: dict[str, float] = Field(default_factory=dict)
+    difficulty: float | None = None  # 0 (trivial) .. 1 (hardest)
+    difficulty_label: str | None = None
+    difficulty_probs: dict[str, float] = Field(default_factory=dict)
+    quality: dict[str, float] = Field(default_factory=dict)  # model name -> P(answers well)
+    output_tokens: float | None = None  # predicted length of the answer
+    pii: bool | None = None
+
+
+class RoutePlan(BaseModel):
+    request_id: str
+    requested_model: str
+    route: str  # name of the matched route, or "pinned" when the client named a model
+    mode: Mode = "interactive"
+    candidates: list[Candidate]  # ranked; the caller tries them in order
+    skipped: list[Skipped] = Field(default_factory=list)
+    reasons: list[str] = Field(default_factory=list)
+    prediction: Prediction | None = None
+    rule: str | None = None  # the route rule that matched, in words
+    objective: str | None = None
+    threshold: float | None = None
+    timeout_s: float | None = None  # per attempt
+    retries: int = 0  # retries per candidate before falling back
+    queue: str | None = None  # background queue name when mode == "background"
+
+    @property
+    def summary(self) -> str:
+        """One short line for the x-concilium-reason header (ASCII, no newlines)."""
+        parts = list(self.reasons[:3])
+        return "; ".join(parts).encode("ascii", "replace").decode()[:300]

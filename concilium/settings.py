@@ -1,0 +1,25 @@
+"""Where things are: read from the environment (CONCILIUM_*). What routes where lives in the policy."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONCILIUM_", extra="ignore")
+
+    policy: str = "policies/default.yaml"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    redis_url: str | None = None  # unset = embedded mode (no external services)
+    data_dir: str = "var"  # local state when Redis is absent (feedback, keys, jobs)
+    policy_watch_s: float = 1.0  # poll interval for policy file changes; 0 disables
+    log_level: str = "info"
+    log_prompts: bool = False  # prompt text never reaches logs unless turned on
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,145 @@
+"""Call a model by working down a RoutePlan: retry with backoff and jitter, then fall back.
+
+The same code runs in the gateway and in a background worker. Streaming calls commit to a candidate
+at its first substantive event (content, a tool call or a finish reason); a failure before that
+falls back transparently, a failure after it is the caller's to report in-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from concilium.policy.schema import Retry
+from concilium.router.plan import RoutePlan
+from concilium.specialists.base import Provider, ProviderError
+from concilium.specialists.health import CircuitBreaker
+
+_SUBSTANTIVE = re.compile(rb'"content":\s*"(?!")|"tool_calls"|"finish_reason":\s*"|"refusal":\s*"')
+
+
+@dataclass
+class Attempt:
+    model: str
+    error: str
+    status: int
+
+
+@dataclass
+class CallContext:
+    """Everything a call needs besides the plan; shared by all requests of one policy version."""
+
+    providers: Callable[[str], Provider]
+    breaker: CircuitBreaker
+    retry: Retry
+    on_attempt_error: Callable[[str, ProviderError], None] | None = None
+
+
+@dataclass
+class StreamHandle:
+    model: str
+    first: list[bytes]  # events read before committing, to send first
+    rest: AsyncIterator[bytes]
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+class AllCandidatesFailed(Exception):
+    def __init__(self, attempts: list[Attempt], last: ProviderError | None) -> None:
+        self.attempts = attempts
+        self.last = last
+        detail = "; ".join(f"{a.model}: {a.error}" for a in attempts[-4:]) or "no candidate could be called"
+        super().__init__(f"all candidates failed: {detail}")
+
+
+def backoff_delay(retry: Retry, attempt: int, retry_after: float | None) -> float | None:
+    """Seconds to wait before retry `attempt` (0-based), or None to skip retrying this candidate."""
+    if retry_after is not None:
+        return retry_after if retry_after <= retry.retry_after_max_s else None
+    base = min(retry.backoff_max_s, retry.backoff_s * (2**attempt))
+    return base * random.uniform(0.5, 1.5)
+
+
+async def _attempts(plan: RoutePlan, ctx: CallContext, run: Callable[[Provider], Any]) -> Any:
+    """Shared retry/fallback loop; `run(provider)` returns the result or raises ProviderError."""
+    attempts: list[Attempt] = []
+    last: ProviderError | None = None
+    for cand in plan.candidates:
+        if (why := ctx.breaker.open_reason(cand.model)) is not None:
+            attempts.append(Attempt(cand.model, why, 503))
+            continue
+        provider = ctx.providers(cand.model)
+        for attempt in range(plan.retries + 1):
+            try:
+                result = await run(provider)
+            except ProviderError as e:
+                last = e
+                attempts.append(Attempt(cand.model, e.message, e.status))
+                if ctx.on_attempt_error:
+                    ctx.on_attempt_error(cand.model, e)
+                if not e.fallback:  # the request itself is bad: no other model will do better
+                    raise
+                ctx.breaker.failure(cand.model)
+                if not e.retryable or attempt == plan.retries or ctx.breaker.open_reason(cand.model):
+                    break
+                delay = backoff_delay(ctx.retry, attempt, e.retry_after)
+                if delay is None:
+                    break
+                await asyncio.sleep(delay)
+                continue
+            ctx.breaker.success(cand.model)
+            return cand.model, result, attempts
+    raise AllCandidatesFailed(attempts, last)
+
+
+async def complete(plan: RoutePlan, body: dict[str, Any], ctx: CallContext) -> tuple[str, dict, list[Attempt]]:
+    timeout = plan.timeout_s or 60.0
+
+    async def run(p: Provider) -> dict:
+        return await p.complete(body, timeout=timeout)
+
+    return await _attempts(plan, ctx, run)
+
+
+async def _open(p: Provider, body: dict[str, Any], timeout: float) -> tuple[list[bytes], AsyncIterator[bytes]]:
+    it = p.stream(body, timeout=timeout).__aiter__()
+    first: list[bytes] = []
+    try:
+        while True:
+            try:
+                ev = await it.__anext__()
+            except StopAsyncIteration:
+                return first, _empty()
+            first.append(ev)
+            if _SUBSTANTIVE.search(ev):
+                return first, it
+    except BaseException:
+        await _aclose(it)
+        raise
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    return
+    yield  # pragma: no cover
+
+
+async def _aclose(it: AsyncIterator[bytes]) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            pass
+
+
+async def stream(plan: RoutePlan, body: dict[str, Any], ctx: CallContext) -> StreamHandle:
+    timeout = plan.timeout_s or 60.0
+
+    async def run(p: Provider) -> tuple[list[bytes], AsyncIterator[bytes]]:
+        return await _open(p, body, timeout)
+
+    model, (first, rest), attempts = await _attempts(plan, ctx, run)
+    return StreamHandle(model=model, first=first, rest=rest, attempts=attempts)

@@ -1,0 +1,156 @@
+"""Native client for OpenAI-compatible servers (OpenAI, vLLM, Ollama, llama.cpp, our model server).
+
+aiohttp, one pooled session per provider, and SSE passed through as the upstream's own bytes: each
+event is split out of the byte stream and parsed once (to find usage, content and malformed chunks),
+never re-encoded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from concilium.specialists.base import Provider, ProviderError, classify_status
+
+# Gateway-level fields an upstream would reject.
+_GATEWAY_ONLY = ("metadata", "background", "user_tags")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # HTTP-date form: treat as unknown
+
+
+async def error_from_response(resp: aiohttp.ClientResponse, who: str) -> ProviderError:
+    raw = await resp.read()
+    message = raw[:500].decode("utf-8", "replace")
+    try:
+        err = orjson.loads(raw).get("error")
+        if isinstance(err, dict) and err.get("message"):
+            message = str(err["message"])
+    except (orjson.JSONDecodeError, AttributeError):
+        pass
+    retryable, fallback = classify_status(resp.status)
+    return ProviderError(
+        f"{who}: upstream answered {resp.status}: {message}",
+        status=resp.status if resp.status < 500 else 502,
+        retryable=retryable,
+        fallback=fallback,
+        retry_after=parse_retry_after(resp.headers.get("retry-after")),
+        code=f"upstream_{resp.status}",
+    )
+
+
+def check_event(who: str, event: bytes) -> None:
+    """Reject a malformed chunk or an in-stream error so the caller can fall back or report it."""
+    try:
+        obj = orjson.loads(event[5:])
+    except orjson.JSONDecodeError:
+        raise ProviderError(f"{who}: upstream sent a malformed chunk", code="bad_upstream_chunk") from None
+    if not isinstance(obj, dict):
+        raise ProviderError(f"{who}: upstream sent a malformed chunk", code="bad_upstream_chunk")
+    if "error" in obj:
+        err = obj["error"]
+        msg = err.get("message") if isinstance(err, dict) else err
+        raise ProviderError(f"{who}: upstream stream error: {msg}", code="upstream_stream_error")
+
+
+class OpenAICompatProvider(Provider):
+    kind = "openai"
+
+    def __init__(self, name: str, spec: Any) -> None:
+        super().__init__(name, spec)
+        self.url = spec.base_url.rstrip("/") + "/chat/completions"
+        self._session: aiohttp.ClientSession | None = None
+
+    def _api_key(self) -> str | None:
+        return os.environ.get(self.spec.api_key_env) if self.spec.api_key_env else None
+
+    def unavailable_reason(self) -> str | None:
+        if self.spec.api_key_env and not self._api_key():
+            return f"{self.spec.api_key_env} is not set"
+        return None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _request(self, body: dict[str, Any], stream: bool) -> tuple[bytes, dict[str, str]]:
+        payload = {k: v for k, v in body.items() if k not in _GATEWAY_ONLY}
+        payload["model"] = self.spec.model
+        payload["stream"] = stream
+        if stream:
+            opts = dict(payload.get("stream_options") or {})
+            opts["include_usage"] = True  # we need usage for metrics and cost; dropped if not asked
+            payload["stream_options"] = opts
+        else:
+            payload.pop("stream_options", None)
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        key = self._api_key()
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        return orjson.dumps(payload), headers
+
+    async def complete(self, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        data, headers = self._request(body, stream=False)
+        try:
+            async with self._get_session().post(
+                self.url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                if resp.status != 200:
+                    raise await error_from_response(resp, self.name)
+                raw = await resp.read()
+        except TimeoutError:
+            raise ProviderError(f"{self.name}: timed out after {timeout:g}s", status=504, code="timeout") from None
+        except aiohttp.ClientError as e:
+            raise ProviderError(f"{self.name}: connection failed: {e}", code="connection_error") from None
+        try:
+            out = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise ProviderError(f"{self.name}: upstream sent invalid JSON", code="bad_upstream_json") from None
+        if not isinstance(out, dict) or not isinstance(out.get("choices"), list):
+            raise ProviderError(f"{self.name}: upstream response has no choices", code="bad_upstream_json")
+        return out
+
+    async def stream(self, body: dict[str, Any], *, timeout: float) -> AsyncIterator[bytes]:
+        data, headers = self._request(body, stream=True)
+        headers["accept"] = "text/event-stream"
+        # `timeout` bounds the wait for the first byte and each gap between chunks, not the whole stream.
+        ct = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        try:
+            async with self._get_session().post(self.url, data=data, headers=headers, timeout=ct) as resp:
+                if resp.status != 200:
+                    raise await error_from_response(resp, self.name)
+                buf = b""
+                async for piece in resp.content.iter_any():
+                    buf += piece
+                    if b"\r" in buf:
+                        buf = buf.replace(b"\r\n", b"\n")
+                    while (i := buf.find(b"\n\n")) >= 0:
+                        event, buf = buf[: i + 2], buf[i + 2 :]
+                        if not event.startswith(b"data:"):
+                            continue  # comments / keep-alives / other fields
+                        if event.startswith(b"data: [DONE]") or event.startswith(b"data:[DONE]"):
+                            return
+                        check_event(self.name, event)
+                        yield event
+                raise ProviderError(f"{self.name}: stream ended before [DONE]", code="stream_dropped")
+        except TimeoutError:
+            raise ProviderError(f"{self.name}: no data for {timeout:g}s", status=504, code="timeout") from None
+        except aiohttp.ClientError as e:
+            raise ProviderError(f"{self.name}: stream failed: {e}", code="stream_dropped") from None

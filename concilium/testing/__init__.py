@@ -1,0 +1,1 @@
+"""Test tools shipped with the project (the fault-injecting fake upstream)."""
