@@ -19,11 +19,18 @@ COMMAND_MODULES = [
 ]
 
 
+def _exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is absent
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="concilium", description="Concilium society-of-models gateway")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        if importlib.util.find_spec(name) is None:
+        if not _exists(name):
             continue
         importlib.import_module(name).register(sub)
     return parser

@@ -35,6 +35,13 @@ OPTIONAL_ROUTERS = [
 ]
 
 
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def _body_schema(model: type) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {
         "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
@@ -122,7 +129,7 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     for name in OPTIONAL_ROUTERS:
-        if importlib.util.find_spec(name) is not None:
+        if _module_exists(name):
             module = importlib.import_module(name)
             app.include_router(module.router)
             if hasattr(module, "setup"):
