@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,14 +121,20 @@ def lookup(
 
 @functools.lru_cache(maxsize=4096)
 def _lookup(op: str, device: str, dtype: str, size: int, shape: tuple[tuple[str, int], ...]) -> Config:
-    shape_map = dict(shape)
+    return select(op, load_tables(op), device, dtype, size, dict(shape))
+
+
+def select(
+    op: str, tables: Sequence[Mapping[str, Any]], device: str, dtype: str, size: int, shape: Mapping[str, int]
+) -> Config:
+    """The configuration for `size` in the most specific applicable table (first of equals)."""
     best, best_score = None, -1
-    for table in load_tables(op):
-        score = _score(table, device, dtype, shape_map)
+    for table in tables:
+        score = _score(table, device, dtype, shape)
         if score > best_score:
             best, best_score = table, score
     if best is None:
-        raise ConfigError(f"{op}: no configuration table applies to {device} / {dtype} / {shape_map}")
+        raise ConfigError(f"{op}: no configuration table applies to {device} / {dtype} / {dict(shape)}")
     bounds = best["bounds"]
     for bound, cfg in bounds.items():
         if size <= bound:
