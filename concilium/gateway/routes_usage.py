@@ -1,0 +1,73 @@
+"""GET /v1/usage: a key's own spend and limits; `setup(app)` attaches the guard (keys, budgets, rate
+limits, privacy) to the app."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import orjson
+from fastapi import APIRouter, FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
+
+from concilium.gateway.errors import APIError
+from concilium.guard import logs
+from concilium.guard.keys import Scope
+from concilium.guard.middleware import AuthMiddleware
+from concilium.guard.privacy import rules
+from concilium.guard.service import STATE_KEY, Guard
+from concilium.guard.store import Window
+
+router = APIRouter()
+
+
+async def _scope_usage(guard: Guard, s: Scope, w: Window) -> dict:
+    b, r = s.limits.budget, s.limits.rate
+    u = await guard.store.usage(s.name, r.requests_per_min if r else None, r.tokens_per_min if r else None, w)
+    out: dict = {"scope": s.kind, "id": s.id,
+                 "spent_usd": {"day": u.spent_day / 1e9, "month": u.spent_month / 1e9},
+                 "reserved_usd": u.reserved / 1e9,
+                 "window": {"day": w.day, "month": w.month, "day_resets_in_s": round(w.seconds_to_day_end()),
+                            "month_resets_in_s": round(w.seconds_to_month_end())}}
+    if b is not None:
+        out["budget_usd"] = {"day": b.usd_per_day, "month": b.usd_per_month}
+    if r is not None:
+        out["rate"] = {"requests_per_min": r.requests_per_min, "tokens_per_min": r.tokens_per_min,
+                       "requests_available": None if u.requests_left is None else max(0, int(u.requests_left)),
+                       "tokens_available": None if u.tokens_left is None else int(u.tokens_left)}
+    return out
+
+
+@router.get("/v1/usage", summary="The calling key's spend, reservations and limits")
+async def usage(request: Request) -> Response:
+    guard: Guard = request.app.state.guard
+    key = request.scope.get("state", {}).get(STATE_KEY)
+    if key is None:
+        raise APIError(404, "usage is tracked per API key, and this gateway's policy defines no keys",
+                       code="no_keys")
+    w = Window.at()
+    scopes = list(key.scopes) + [s for ss in key.model_scopes.values() for s in ss]
+    e = key.entry
+    body = {"object": "usage", "key": e.name, "team": e.team, "models": e.models, "routes": e.routes,
+            "scopes": [await _scope_usage(guard, s, w) for s in scopes]}
+    if getattr(guard.store, "degraded", False):
+        body["degraded"] = "the shared limits store is unreachable; figures are this replica's view"
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def setup(app: FastAPI) -> None:
+    state = app.state.gateway
+    rules(state.current.policy, state.policy_path)  # installs log redaction as the policy says
+    logs.configure(rules(state.current.policy).config.redact_logs)
+    guard = Guard(state, app.state.settings)
+    app.state.guard = guard
+    app.add_middleware(AuthMiddleware, guard=guard)
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: FastAPI):
+        async with inner(a) as value:
+            yield value
+        await guard.close()
+
+    app.router.lifespan_context = lifespan

@@ -1,0 +1,254 @@
+"""The guard: who is calling (keys), what they may use, and what they may still spend.
+
+`Guard.admit()` runs after the router's decision and before any model is called: it checks the key's
+allowed models and routes, then reserves the request's maximum cost and counts it against the rate
+limits, atomically over every scope (key, team, models). The `Ticket` it returns settles the actual
+usage exactly once, on whichever way the request ends. With no keys configured the guard is inactive
+and the request path does not touch it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from concilium.gateway.errors import APIError
+from concilium.guard.cost import actual_cost, max_cost, prompt_tokens_bound
+from concilium.guard.keys import Key, KeyTable, Scope, default_key_file, merge, read_key_file
+from concilium.guard.schema import KeysSection, parse_keys
+from concilium.guard.store import Charge, Denied, Store, Window
+from concilium.guard.store_memory import MemoryStore
+from concilium.policy.loader import PolicyError
+from concilium.router.plan import RoutePlan
+
+log = logging.getLogger("concilium.guard")
+RESERVATION_TTL_S = 3600.0  # a crashed replica's reservations lapse after this
+KEY_FILE_CHECK_S = 1.0
+STATE_KEY = "concilium_key"
+
+
+def _nano(usd: float | None) -> int | None:
+    return None if usd is None else round(usd * 1e9)
+
+
+def scope_charge(s: Scope, nano: int, tokens: int) -> Charge:
+    b, r = s.limits.budget, s.limits.rate
+    return Charge(s.name, nano, tokens,
+                  cap_day=_nano(b.usd_per_day) if b else None, cap_month=_nano(b.usd_per_month) if b else None,
+                  rpm=r.requests_per_min if r else None, tpm=r.tokens_per_min if r else None)
+
+
+_REASONS = {
+    "usd_per_day": ("budget per day", "budget_exceeded", "insufficient_quota"),
+    "usd_per_month": ("budget per month", "budget_exceeded", "insufficient_quota"),
+    "requests_per_min": ("requests per minute", "rate_limit_exceeded", "rate_limit_error"),
+    "tokens_per_min": ("tokens per minute", "rate_limit_exceeded", "rate_limit_error"),
+}
+
+
+def denied_error(d: Denied, headers: dict[str, str]) -> APIError:
+    words, code, typ = _REASONS[d.reason]
+    kind, _, ident = d.scope.partition(":")
+    who = {"key": "this key", "team": f"team {ident!r}", "model": f"model {ident!r}",
+           "key-model": f"this key's use of {ident.split('/', 1)[-1]!r}"}.get(kind, d.scope)
+    limit = f"${d.limit:.2f}" if d.reason.startswith("usd") else f"{int(d.limit)}"
+    wait = max(1, math.ceil(d.retry_after_s))
+    if d.reason.startswith("usd") and d.retry_after_s <= 1.0:
+        detail = "requests in flight hold the rest; retry when they finish"
+    else:
+        detail = f"retry after {wait}s"
+    return APIError(429, f"{who} is over its {words} ({limit}); {detail}", code=code, type=typ,
+                    headers={**headers, "retry-after": str(wait)})
+
+
+@dataclass
+class Ticket:
+    """One admitted request's reservation; `done()` settles it exactly once."""
+
+    guard: Guard
+    rid: str
+    key: Key
+    costs: dict[str, int]  # model -> the most it may cost (nano-USD), as reserved
+    counted_tokens: int
+    out_tokens: int
+    scopes: list[Scope]
+    model_scopes: dict[str, tuple[Scope, ...]]
+    specs: dict[str, Any]
+    started: float = field(default_factory=time.monotonic)
+    settled: bool = False
+
+    def done(self, model: str | None, usage: dict | None, outcome: str) -> None:
+        """outcome: ok | failed (no model answered: nothing to pay) | anything else (unknown: keep the
+        reservation as the charge)."""
+        if self.settled:
+            return
+        self.settled = True
+        reserve_top = max(self.costs.values(), default=0)
+        spent, tokens = 0, 0
+        if outcome != "failed" and model is not None and model in self.specs:
+            cost = actual_cost(self.specs[model], usage, time.monotonic() - self.started, self.costs[model])
+            spent = self.costs[model] if cost is None else cost
+            tokens = int((usage or {}).get("total_tokens") or 0) or (self.counted_tokens + self.out_tokens)
+        elif outcome != "failed":
+            spent, tokens = reserve_top, self.counted_tokens + self.out_tokens
+        charges = [scope_charge(s, spent, tokens - self.counted_tokens) for s in self.scopes]
+        for m, scopes in self.model_scopes.items():
+            mine = m == model
+            charges += [scope_charge(s, spent if mine else 0,
+                                     (tokens if mine else 0) - self.counted_tokens) for s in scopes]
+        self.guard.settle(self.rid, charges)
+
+
+class Guard:
+    def __init__(self, state: Any, settings: Any) -> None:
+        self.state = state
+        self.settings = settings
+        self.key_file = default_key_file(settings.data_dir)
+        self._snap: Any = None
+        self._file_mtime: float | None = None
+        self._file_keys: KeysSection | None = None
+        self._checked = 0.0
+        self._table = KeyTable(KeysSection())
+        self._store: Store | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.table()  # a broken key file at startup is an error, not a warning
+        if self._file_error:
+            raise PolicyError(str(self.key_file), [("", self._file_error)])
+
+    # -- keys -------------------------------------------------------------------------------------
+    _file_error: str | None = None
+
+    def _read_file(self) -> None:
+        try:
+            mtime = os.stat(self.key_file).st_mtime
+        except OSError:
+            mtime = None
+        if mtime == self._file_mtime:
+            return
+        self._file_mtime = mtime
+        try:
+            self._file_keys = read_key_file(self.key_file) if mtime is not None else None
+            self._file_error = None
+        except PolicyError as e:
+            self._file_error = str(e)
+            log.error("key file refused, keeping the previous keys:\n%s", e)
+        self._snap = None  # rebuild
+
+    def table(self) -> KeyTable:
+        """The keys in force (policy + key file); cheap to call on every request."""
+        snap = self.state.current
+        now = time.monotonic()
+        if now - self._checked >= KEY_FILE_CHECK_S:
+            self._checked = now
+            self._read_file()
+        if snap is not self._snap:
+            try:
+                section = parse_keys(snap.policy.keys, self.state.policy_path)
+                self._table = KeyTable(merge(section, self._file_keys, str(self.key_file)))
+            except PolicyError as e:
+                log.error("keys refused, keeping the previous keys:\n%s", e)
+            self._snap = snap
+        return self._table
+
+    @property
+    def active(self) -> bool:
+        return len(self.table()) > 0
+
+    # -- store --------------------------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            url = self.settings.redis_url
+            if url and os.environ.get("CONCILIUM_GUARD_STORE", "auto") != "memory":
+                from concilium.guard.store_failover import FailoverStore
+                from concilium.guard.store_redis import RedisStore
+
+                self._store = FailoverStore(RedisStore(url))
+            else:
+                self._store = MemoryStore()
+        return self._store
+
+    def settle(self, rid: str, charges: list[Charge]) -> None:
+        w = Window.at()
+        store = self.store
+        if isinstance(store, MemoryStore):
+            store.settle_now(rid, charges, w)
+            return
+        task = asyncio.ensure_future(self._settle(store, rid, charges, w))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, store: Store, rid: str, charges: list[Charge], w: Window) -> None:
+        try:
+            await store.settle(rid, charges, w)
+        except Exception:
+            log.exception("settling request %s failed", rid)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._store is not None:
+            await self._store.close()
+
+    # -- admission ----------------------------------------------------------------------------------
+    async def admit(self, request: Any, body: dict[str, Any], plan: RoutePlan, snap: Any,
+                    headers: dict[str, str]) -> tuple[Ticket, RoutePlan]:
+        """Check access and reserve; raise APIError 401/403/429. May narrow the plan's candidates."""
+        key: Key | None = request.scope.get("state", {}).get(STATE_KEY)
+        if key is None:
+            raise APIError(401, "missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key",
+                           headers={"www-authenticate": "Bearer"})
+        e = key.entry
+        requested = body.get("model")
+        if e.models is not None and requested not in e.models:
+            raise APIError(403, f"this key may not use model {requested!r}; allowed: {', '.join(e.models)}",
+                           code="model_not_allowed", param="model", headers=headers)
+        if e.routes is not None and plan.route not in e.routes:
+            raise APIError(403, f"this key may not use route {plan.route!r}; allowed: {', '.join(e.routes)}",
+                           code="route_not_allowed", headers=headers)
+        candidates = list(plan.candidates)
+        if e.models is not None and requested in snap.policy.models:  # pinned: stay within what is allowed
+            candidates = [c for c in candidates if c.model in e.models]
+            if not candidates:
+                raise APIError(403, "none of the models this request may reach ("
+                               + ", ".join(c.model for c in plan.candidates) + ") is allowed for this key",
+                               code="model_not_allowed", param="model", headers=headers)
+        prompt = prompt_tokens_bound(len(await request.body()))
+        asked = body.get("max_completion_tokens") or body.get("max_tokens")
+        out = asked if isinstance(asked, int) and asked > 0 else e.default_max_tokens
+        if asked is None and key.has_budget:
+            body["max_tokens"] = out  # the reservation must bound what the model may write
+        seconds = (plan.timeout_s or snap.policy.limits.default_timeout_s) * (plan.retries + 1)
+        specs = {c.model: snap.policy.models[c.model] for c in candidates}
+        rid = plan.request_id + "-" + uuid.uuid4().hex[:8]
+        while True:
+            if not candidates:
+                raise APIError(429, "every model this request may use is over its limits", code="budget_exceeded",
+                               type="insufficient_quota", headers=headers)
+            costs = {c.model: max_cost(specs[c.model], prompt, out, seconds) for c in candidates}
+            top = max(costs.values())
+            charges = [scope_charge(s, top, prompt) for s in key.scopes]
+            model_scopes = {m: key.model_scopes[m] for m in costs if m in key.model_scopes}
+            for m, scopes in model_scopes.items():
+                charges += [scope_charge(s, costs[m], prompt) for s in scopes]
+            if not charges:
+                denied = None
+            else:
+                denied = await self.store.reserve(rid, charges, RESERVATION_TTL_S, Window.at())
+            if denied is None:
+                break
+            over = next((m for m, ss in model_scopes.items() if any(x.name == denied.scope for x in ss)), None)
+            if over is not None and len(candidates) > 1:  # that model is over its limits: try the others
+                candidates = [c for c in candidates if c.model != over]
+                continue
+            raise denied_error(denied, headers)
+        if len(candidates) != len(plan.candidates):
+            plan = plan.model_copy(update={"candidates": candidates})
+        ticket = Ticket(self, rid, key, costs, prompt, out, list(key.scopes), model_scopes, specs)
+        return ticket, plan
