@@ -16,6 +16,7 @@ from starlette.responses import Response, StreamingResponse
 from concilium.gateway.errors import APIError, sse_error
 from concilium.gateway.schemas import ChatCompletionRequest
 from concilium.gateway.state import Snapshot, plan_headers
+from concilium.guard import privacy
 from concilium.router.decide import DecisionError, decide
 from concilium.router.plan import RoutePlan
 from concilium.specialists import call
@@ -59,12 +60,13 @@ def validate(model: type, body: dict[str, Any]) -> None:
 
 
 def plan_request(snap: Snapshot, body: dict[str, Any], rid: str) -> RoutePlan:
+    pii = privacy.verdict(body, snap.policy, rid)  # None unless the policy routes on PII
     try:
         plan = decide(body, snap.policy, dispatcher=snap.dispatcher, availability=snap.availability,
-                      request_id=rid)
+                      request_id=rid, pii=pii)
     except DecisionError as e:
         raise APIError(e.status, e.message, code=e.code, param="model") from None
-    return plan
+    return privacy.restrict(plan, snap.policy, pii)
 
 
 def no_candidates(plan: RoutePlan) -> APIError:
@@ -104,15 +106,27 @@ async def chat_completions(request: Request) -> Response:
     if not plan.candidates:
         metrics.requests.labels("none", plan.route, "unavailable").inc()
         raise no_candidates(plan)
-    jobs = getattr(request.app.state, "jobs", None)
-    if plan.mode == "background" and jobs is not None:
-        return await jobs.divert_chat(request, body, plan, snap)
-    if body.get("stream"):
-        return await _stream(request, body, plan, snap, t0)
-    return await _complete(request, body, plan, snap, t0)
+    guard, ticket = getattr(request.app.state, "guard", None), None
+    if guard is not None and guard.active:  # keys: access, rate limits, reserve the maximum cost
+        ticket, plan = await guard.admit(request, body, plan, snap, plan_headers(plan))
+    try:
+        jobs = getattr(request.app.state, "jobs", None)
+        if plan.mode == "background" and jobs is not None:
+            resp = await jobs.divert_chat(request, body, plan, snap)
+            if ticket is not None:
+                ticket.done(None, None, "background")  # charged at the reservation
+            return resp
+        if body.get("stream"):
+            return await _stream(request, body, plan, snap, t0, ticket)
+        return await _complete(request, body, plan, snap, t0, ticket)
+    except BaseException:
+        if ticket is not None:
+            ticket.done(None, None, "failed")  # no answer: release the reservation (no-op once settled)
+        raise
 
 
-async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float) -> Response:
+async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float,
+                    ticket: Any = None) -> Response:
     metrics = request.app.state.metrics
     task = asyncio.ensure_future(call.complete(plan, body, snap.ctx))
     watcher = asyncio.ensure_future(_until_disconnect(request))
@@ -123,6 +137,8 @@ async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapsho
     if not task.done():  # the client went away: stop the upstream call
         task.cancel()
         metrics.requests.labels(plan.candidates[0].model, plan.route, "cancelled").inc()
+        if ticket is not None:
+            ticket.done(None, None, "cancelled")
         return Response(status_code=499)
     try:
         model, result, attempts = task.result()
@@ -131,12 +147,15 @@ async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapsho
         raise _provider_error(e, plan) from None
     usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
     metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, snap.cost_usd(model, usage))
+    if ticket is not None:
+        ticket.done(model, usage, "ok")
     if attempts:
         metrics.fallbacks.labels(plan.route).inc()
     return Response(orjson.dumps(result), media_type="application/json", headers=plan_headers(plan, model))
 
 
-async def _stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float) -> Response:
+async def _stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float,
+                  ticket: Any = None) -> Response:
     metrics = request.app.state.metrics
     try:
         handle = await call.stream(plan, body, snap.ctx)
@@ -148,14 +167,14 @@ async def _stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot,
         metrics.fallbacks.labels(plan.route).inc()
     want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return StreamingResponse(
-        _relay(handle, plan, snap, metrics, want_usage, t0),
+        _relay(handle, plan, snap, metrics, want_usage, t0, ticket),
         media_type="text/event-stream",
         headers={**plan_headers(plan, handle.model), "cache-control": "no-cache"},
     )
 
 
 async def _relay(handle: call.StreamHandle, plan: RoutePlan, snap: Snapshot, metrics: Any,
-                 want_usage: bool, t0: float) -> AsyncIterator[bytes]:
+                 want_usage: bool, t0: float, ticket: Any = None) -> AsyncIterator[bytes]:
     usage: dict | None = None
     status = "ok"
     try:
@@ -181,3 +200,5 @@ async def _relay(handle: call.StreamHandle, plan: RoutePlan, snap: Snapshot, met
         await call._aclose(handle.rest)
         metrics.record(handle.model, plan.route, status, time.perf_counter() - t0, usage,
                        snap.cost_usd(handle.model, usage))
+        if ticket is not None:
+            ticket.done(handle.model, usage, status)
