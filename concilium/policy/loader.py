@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import reprlib
 from pathlib import Path
 
 import yaml
@@ -45,16 +48,57 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see policies/default.yaml for the known keys)"
         elif e["type"] == "literal_error":
-            msg = f"expected {e['ctx']['expected']}, got {e.get('input')!r}"
+            msg = f"expected {e['ctx']['expected']}, got {reprlib.repr(e.get('input'))}"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         problems.append((format_loc(loc), msg))
     return problems
 
 
+MAX_YAML_NODES = 200_000  # after aliases are expanded: refuses "billion laughs" documents
+
+# Sections that other parts of the gateway validate: "module:function(policy, file)" raising PolicyError.
+SECTION_CHECKS = ["concilium.guard.schema:check_policy"]
+
+
+def _expanded_size(node: yaml.Node, seen: dict[int, int]) -> int:
+    if id(node) in seen:
+        return seen[id(node)]
+    seen[id(node)] = 1  # a recursive alias counts once
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(n, seen) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, seen) + _expanded_size(v, seen) for k, v in node.value)
+    seen[id(node)] = size
+    return size
+
+
+def _safe_yaml(text: str) -> object:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ValueError(f"YAML aliases expand to more than {MAX_YAML_NODES} values")
+        return loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+
+
+def _check_sections(policy: Policy, file: str) -> None:
+    for target in SECTION_CHECKS:
+        module, _, func = target.partition(":")
+        if importlib.util.find_spec(module) is not None:
+            getattr(importlib.import_module(module), func)(policy, file)
+
+
 def parse_policy(text: str, file: str = "<string>") -> Policy:
     try:
-        data = yaml.safe_load(text)
+        data = _safe_yaml(text)
+    except ValueError as e:
+        raise PolicyError(file, [("", str(e))]) from None
+    except RecursionError:
+        raise PolicyError(file, [("", "YAML nested too deeply")]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -62,9 +106,11 @@ def parse_policy(text: str, file: str = "<string>") -> Policy:
     if not isinstance(data, dict):
         raise PolicyError(file, [("", f"expected a mapping at the top level, got {type(data).__name__}")])
     try:
-        return Policy.model_validate(data)
+        policy = Policy.model_validate(data)
     except ValidationError as e:
         raise PolicyError(file, _problems(e)) from None
+    _check_sections(policy, file)
+    return policy
 
 
 MAX_POLICY_BYTES = 1 << 20
