@@ -26,6 +26,7 @@ _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9](
 # A run of digits with the separators people write inside card and phone numbers.
 _DIGITS = re.compile(r"(?<![\w+.-])\+?\(?\d(?:[\d \t().-]{5,30})\d(?![\w.]?\d)")
 _DATE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{2,4}$")
+_LOOSE_SEPARATORS = re.compile(r"[ \t.-]{2,}")  # "31415 - 2718" is arithmetic, not a phone number
 _DOTTED_QUAD = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 _IBAN = re.compile(r"(?<![A-Za-z0-9])([A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30})(?![A-Za-z0-9])")
 _API_KEY = re.compile(
@@ -95,7 +96,7 @@ def _number_kind(span: str) -> str | None:
     if span.startswith("+"):
         return "phone" if 8 <= n <= 15 else None
     separated = any(ch in " ().-" for ch in span.strip())
-    if separated and 9 <= n <= 12:
+    if separated and 9 <= n <= 12 and not _LOOSE_SEPARATORS.search(span.replace("(", "").replace(")", "")):
         groups = [g for g in re.split(r"[ \t().-]+", span) if g]
         if len(groups) >= 2 and all(len(g) >= 2 for g in groups) and len(groups[-1]) >= 3:
             return "phone"
