@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from concilium.policy.jobs import background_reason
 from concilium.policy.schema import Match, Policy, Route
 from concilium.router.plan import Candidate, Prediction, RoutePlan, Skipped
 
@@ -166,7 +167,10 @@ def decide(
         reasons.insert(0, f"chose {callable_[0].model}")
 
     r = base_route
-    mode = "background" if (r is not None and r.mode == "background") else "interactive"
+    why_background = background_reason(body, policy, r, prediction)
+    mode = "background" if why_background else "interactive"
+    if why_background:
+        reasons.append(f"background: {why_background}")
     return RoutePlan(
         request_id=rid,
         requested_model=requested,

@@ -1,0 +1,326 @@
+"""Background jobs over HTTP, in OpenAI's Responses API shapes.
+
+  POST /v1/responses                       create (background, stream); Idempotency-Key honoured
+  GET  /v1/responses/{id}                  the response object; ?stream=true&starting_after=N resumes
+  POST /v1/responses/{id}/cancel           cancel; the partial answer is kept
+and the chat-completions diversion (`app.state.jobs.divert_chat`): when the router puts a chat
+request in background mode, a streaming client is fed from the job's events as ordinary chunks, and
+a non-streaming one waits up to `jobs.chat_wait_s`, then gets 202 with the job's location.
+See docs/jobs.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, FastAPI
+from prometheus_client import Counter
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from concilium.gateway.chat import _until_disconnect, no_candidates, plan_request, read_json, request_id
+from concilium.gateway.errors import APIError, sse_error
+from concilium.gateway.state import Snapshot, plan_headers
+from concilium.policy.jobs import jobs_config, parse_jobs
+from concilium.router.plan import RoutePlan
+from concilium.specialists.base import chunk, completion, sse_event
+from concilium.workers.responses import InputError, response_object, template, to_chat_body
+from concilium.workers.service import JobService, PublishError
+from concilium.workers.store import TERMINAL, CapExceeded, IdempotencyConflict
+
+router = APIRouter()
+_DONE = b"data: [DONE]\n\n"
+_KEEPALIVE = b": keepalive\n\n"
+
+
+def _service(request: Request) -> JobService:
+    return request.app.state.job_service
+
+
+def owner_of(request: Request) -> str:
+    """Who owns a job: the API key's name when the gateway checks keys, else a hash of the bearer
+    token (never the token itself), else `anonymous`."""
+    key = getattr(request.state, "key", None)
+    name = getattr(getattr(key, "entry", None), "name", None)
+    if isinstance(name, str) and name:
+        return name
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() == "bearer" and token:
+        return "sha256:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    return "anonymous"
+
+
+def _fingerprint(kind: str, body: dict[str, Any]) -> str:
+    return hashlib.sha256(kind.encode() + orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+def _not_found(job_id: str) -> APIError:
+    return APIError(404, f"No response found with id '{job_id}'.", code="response_not_found", param="response_id")
+
+
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json", headers=headers)
+
+
+async def _submit(request: Request, kind: str, chat_body: dict[str, Any], tmpl: dict[str, Any], plan: RoutePlan,
+                  snap: Snapshot, fingerprint_body: dict[str, Any]) -> str:
+    service = _service(request)
+    idem = request.headers.get("idempotency-key")
+    if idem is not None and not (0 < len(idem) <= 255):
+        raise APIError(400, "Idempotency-Key must be 1 to 255 characters", code="invalid_request")
+    try:
+        job_id, created = await service.submit(
+            kind=kind, chat_body=chat_body, template=tmpl, plan=plan, snap=snap, owner=owner_of(request),
+            idem=idem, fingerprint=_fingerprint(kind, fingerprint_body))
+    except CapExceeded as e:
+        raise APIError(429, f"{e}; wait for one to finish or cancel one", code="too_many_jobs",
+                       type="rate_limit_error", headers={"retry-after": "5"}) from None
+    except IdempotencyConflict as e:
+        raise APIError(409, str(e), code="idempotency_key_reused") from None
+    except PublishError as e:
+        raise APIError(503, f"the job queue is unavailable: {e}", code="queue_unavailable") from None
+    if created:
+        request.app.state.jobs_submitted.labels(kind, plan.route).inc()
+    return job_id
+
+
+# --------------------------------------------------------------------------- Responses API
+
+
+def _sse_responses(service: JobService, job_id: str, after: int,
+                   on_abort: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
+    async def gen() -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            async for e in service.events(job_id, after):
+                if e is None:
+                    yield _KEEPALIVE
+                    continue
+                yield b"event: " + e.type.encode() + b"\ndata: " + e.data + b"\n\n"
+            finished = True
+        finally:
+            if not finished and on_abort is not None:
+                on_abort()
+
+    return gen()
+
+
+def _flag(value: Any, name: str) -> bool:
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise APIError(400, f"'{name}' must be a boolean", param=name, code="invalid_request")
+
+
+@router.post("/v1/responses", summary="Create a response (OpenAI Responses API); background jobs")
+async def create_response(request: Request) -> Response:
+    body = await read_json(request)
+    stream, background = _flag(body.get("stream"), "stream"), _flag(body.get("background"), "background")
+    if background and body.get("store") is False:
+        raise APIError(400, "background responses must be stored: do not set 'store': false", param="store",
+                       code="invalid_request")
+    try:
+        chat_body = to_chat_body(body)
+    except InputError as e:
+        raise APIError(400, e.message, param=e.param, code="invalid_request") from None
+    snap: Snapshot = request.app.state.gateway.current
+    plan = plan_request(snap, chat_body, request_id(request))
+    if not plan.candidates:
+        raise no_candidates(plan)
+    job_id = await _submit(request, "response", chat_body, template(body, chat_body["model"], time.time()),
+                           plan, snap, body)
+    service = _service(request)
+    headers = {**plan_headers(plan), "x-concilium-job-id": job_id}
+    if stream:
+        abort = None if background else (lambda: _cancel_soon(service, job_id, snap))
+        return StreamingResponse(_sse_responses(service, job_id, -1, abort), media_type="text/event-stream",
+                                 headers={**headers, "cache-control": "no-cache"})
+    if not background:  # a foreground response: wait for it; a client that goes away cancels it
+        rec = await _wait_or_disconnect(request, service, job_id, None)
+        if rec is None or rec["status"] not in TERMINAL:
+            await service.cancel(job_id, snap)
+            return Response(status_code=499)
+        return _json(response_object(job_id, rec), headers=headers)
+    rec = await service.store.get(job_id)
+    return _json(response_object(job_id, rec), headers=headers)
+
+
+def _cancel_soon(service: JobService, job_id: str, snap: Snapshot) -> None:
+    asyncio.ensure_future(service.cancel(job_id, snap))
+
+
+async def _wait_or_disconnect(request: Request, service: JobService, job_id: str,
+                              timeout: float | None) -> dict[str, Any] | None:
+    """The job's record once it ended or after `timeout`; None if the client went away first."""
+    waiter = asyncio.ensure_future(service.wait(job_id, timeout if timeout is not None else 10 * 86400))
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait((waiter, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not waiter.done():
+        waiter.cancel()
+        return None
+    return waiter.result()
+
+
+@router.get("/v1/responses/{response_id}", summary="Retrieve a response; stream its events with ?stream=true")
+async def retrieve_response(request: Request, response_id: str) -> Response:
+    service = _service(request)
+    rec = await service.get(response_id, owner_of(request))
+    if rec is None:
+        raise _not_found(response_id)
+    q = request.query_params
+    stream = q.get("stream", "false").lower()
+    if stream not in ("true", "false", "1", "0"):
+        raise APIError(400, "'stream' must be true or false", param="stream", code="invalid_request")
+    if stream in ("true", "1"):
+        raw = q.get("starting_after")
+        after = -1
+        if raw is not None:
+            try:
+                after = int(raw)
+            except ValueError:
+                after = -2
+            if after < 0:
+                raise APIError(400, "'starting_after' must be a sequence number (an integer >= 0)",
+                               param="starting_after", code="invalid_request")
+        return StreamingResponse(_sse_responses(service, response_id, after), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-concilium-job-id": response_id})
+    return _json(response_object(response_id, rec), headers={"x-concilium-job-id": response_id})
+
+
+@router.post("/v1/responses/{response_id}/cancel", summary="Cancel a queued or running response")
+async def cancel_response(request: Request, response_id: str) -> Response:
+    service = _service(request)
+    rec = await service.get(response_id, owner_of(request))
+    if rec is None:
+        raise _not_found(response_id)
+    if rec["status"] in TERMINAL and rec["status"] != "cancelled":
+        raise APIError(409, f"Cannot cancel a response with status '{rec['status']}'", code="not_cancellable")
+    rec = await service.cancel(response_id, request.app.state.gateway.current)
+    if rec is None:
+        raise _not_found(response_id)
+    return _json(response_object(response_id, rec), headers={"x-concilium-job-id": response_id})
+
+
+# --------------------------------------------------------------------------- chat diversion
+
+
+def _chat_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not usage:
+        return None
+    return {"prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0),
+            "total_tokens": (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)}
+
+
+def _finish_reason(status: str) -> str:
+    return "length" if status == "incomplete" else "stop"
+
+
+class ChatDiversion:
+    """`app.state.jobs`: what chat completions call when the router chose background mode."""
+
+    def __init__(self, service: JobService) -> None:
+        self.service = service
+
+    async def divert_chat(self, request: Request, body: dict[str, Any], plan: RoutePlan, snap: Snapshot) -> Response:
+        if body.get("tools") or body.get("functions"):
+            return await self._interactive(request, body, plan, snap)  # jobs carry text answers only
+        tmpl = template({**body, "background": True}, body["model"], time.time())
+        job_id = await _submit(request, "chat", body, tmpl, plan, snap, body)
+        model = plan.candidates[0].model
+        headers = {**plan_headers(plan), "x-concilium-job-id": job_id}
+        if body.get("stream"):
+            want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(self._chunks(job_id, model, want_usage), media_type="text/event-stream",
+                                     headers={**headers, "cache-control": "no-cache"})
+        wait_s = jobs_config(snap.policy).chat_wait_s
+        rec = await _wait_or_disconnect(request, self.service, job_id, wait_s)
+        if rec is None:  # the client left before it learnt the job's id: nobody can collect the answer
+            await self.service.cancel(job_id, snap)
+            return Response(status_code=499)
+        if rec["status"] not in TERMINAL:
+            request.app.state.jobs_diverted.labels("redirected").inc()
+            location = f"/v1/responses/{job_id}"
+            return _json(response_object(job_id, rec), status=202,
+                         headers={**headers, "location": location, "retry-after": "2",
+                                  "x-concilium-job-status": rec["status"]})
+        request.app.state.jobs_diverted.labels("answered").inc()
+        result = rec["result"] or {}
+        if rec["status"] in ("failed", "cancelled"):
+            err = result.get("error") or {"code": "cancelled", "message": "the job was cancelled"}
+            raise APIError(502 if rec["status"] == "failed" else 409, f"background job {job_id} {rec['status']}: "
+                           f"{err.get('message')}", code=err.get("code"), headers=headers)
+        out = completion("chatcmpl-" + job_id.removeprefix("resp_"), result.get("model") or model,
+                         result.get("text") or "", _finish_reason(rec["status"]), _chat_usage(result.get("usage")),
+                         created=rec["spec"]["response"]["created_at"])
+        return _json(out, headers={**headers, "x-concilium-model": result.get("model") or model})
+
+    async def _interactive(self, request: Request, body: dict[str, Any], plan: RoutePlan, snap: Snapshot) -> Response:
+        from concilium.gateway import chat
+
+        plan = plan.model_copy(update={"mode": "interactive"})
+        t0 = time.perf_counter()
+        if body.get("stream"):
+            return await chat._stream(request, body, plan, snap, t0)
+        return await chat._complete(request, body, plan, snap, t0)
+
+    async def _chunks(self, job_id: str, model: str, want_usage: bool) -> AsyncIterator[bytes]:
+        cid, created = "chatcmpl-" + job_id.removeprefix("resp_"), int(time.time())
+        yield sse_event(chunk(cid, model, created, {"role": "assistant", "content": ""}))
+        async for e in self.service.events(job_id):
+            if e is None:
+                yield _KEEPALIVE
+            elif e.type == "response.output_text.delta":
+                yield sse_event(chunk(cid, model, created, {"content": e.json()["delta"]}))
+            elif e.type.startswith("response.") and e.type.rsplit(".", 1)[1] in TERMINAL:
+                resp = e.json()["response"]
+                status = resp["status"]
+                if status in ("failed", "cancelled"):
+                    err = resp.get("error") or {"code": "cancelled", "message": "the job was cancelled"}
+                    yield sse_error(f"background job {job_id} {status}: {err.get('message')}", code=err.get("code"))
+                    return
+                yield sse_event(chunk(cid, model, created, {}, _finish_reason(status)))
+                usage = resp.get("usage")
+                if want_usage and usage:
+                    yield sse_event(chunk(cid, model, created, None, usage=_chat_usage(
+                        {"prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"]})))
+                yield _DONE
+                return
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def setup(app: FastAPI) -> None:
+    """Validate the policy's jobs section (a bad one stops the gateway at start, naming the key),
+    put the job service on `app.state`, and run it with the app's lifespan."""
+    state = app.state.gateway
+    cfg = parse_jobs(state.current.policy, state.policy_path)
+    service = JobService.for_gateway(app.state.settings.redis_url, cfg)
+    app.state.job_service = service
+    app.state.jobs = ChatDiversion(service)
+    registry = app.state.metrics.registry
+    app.state.jobs_submitted = Counter("concilium_jobs_submitted", "Background jobs submitted",
+                                       ["kind", "route"], registry=registry)
+    app.state.jobs_diverted = Counter("concilium_jobs_chat_diverted", "Non-streaming chat requests run as jobs",
+                                      ["outcome"], registry=registry)
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: FastAPI):
+        async with inner(a) as maybe_state:
+            await service.start(state)
+            try:
+                yield maybe_state
+            finally:
+                await service.close()
+
+    app.router.lifespan_context = lifespan
