@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from concilium import __version__
 from concilium.gateway.chat import chat_completions, plan_request, read_json, request_id, validate
 from concilium.gateway.errors import APIError, error_response
+from concilium.gateway.fastpath import FastPath
 from concilium.gateway.limits import BodySizeLimit
 from concilium.gateway.metrics import Metrics
 from concilium.gateway.schemas import ChatCompletionRequest, RouteRequest
@@ -65,6 +66,8 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
     app.state.gateway = state
     app.state.metrics = metrics
     app.state.settings = settings
+    # Innermost first: the hot endpoint skips routing and dependency solving, not the other middleware.
+    app.add_middleware(FastPath, path="/v1/chat/completions")
     app.add_middleware(BodySizeLimit, limit=lambda: state.current.policy.limits.max_body_bytes)
 
     @app.exception_handler(APIError)

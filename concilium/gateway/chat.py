@@ -11,9 +11,10 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from concilium.gateway.errors import APIError, sse_error
+from concilium.gateway.responses import EventStreamResponse
 from concilium.gateway.schemas import ChatCompletionRequest
 from concilium.gateway.state import Snapshot, plan_headers
 from concilium.guard import privacy
@@ -166,7 +167,7 @@ async def _stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot,
     if handle.attempts:
         metrics.fallbacks.labels(plan.route).inc()
     want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    return StreamingResponse(
+    return EventStreamResponse(
         _relay(handle, plan, snap, metrics, want_usage, t0, ticket),
         media_type="text/event-stream",
         headers={**plan_headers(plan, handle.model), "cache-control": "no-cache"},
