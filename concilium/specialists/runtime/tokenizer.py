@@ -1,0 +1,87 @@
+"""Tokenizer and chat template, taken from the checkpoint itself (Hugging Face tokenizer files, or
+the vocabulary, merges and `tokenizer.chat_template` stored in a GGUF file)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Used only when a checkpoint ships no chat template.
+_FALLBACK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer: Any, eos_token_ids: list[int] | None = None) -> None:
+        self.hf = hf_tokenizer
+        if not getattr(self.hf, "chat_template", None):
+            log.warning("checkpoint has no chat template; using a ChatML-style fallback")
+            self.hf.chat_template = _FALLBACK_TEMPLATE
+        eos = set(eos_token_ids or [])
+        if self.hf.eos_token_id is not None:
+            eos.add(int(self.hf.eos_token_id))
+        self.eos_token_ids = sorted(eos)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, eos_token_ids: list[int] | None = None) -> Tokenizer:
+        from transformers import AutoTokenizer
+
+        p = Path(path)
+        try:
+            if p.is_file():  # GGUF
+                tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            else:
+                tok = AutoTokenizer.from_pretrained(str(p))
+        except Exception as e:
+            raise TokenizerError(f"cannot load a tokenizer from {p}: {e}") from None
+        return cls(tok, eos_token_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        try:
+            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja raises for unsupported roles, missing fields, ...
+            raise TokenizerError(f"chat template failed: {e}") from None
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of the conversation, ending with the assistant turn's opening."""
+        return self.encode(self.render_chat(messages))
+
+
+def normalize_messages(messages: object) -> list[dict[str, str]]:
+    """OpenAI chat messages -> [{role, content}] with text content (content parts are joined)."""
+    if not isinstance(messages, list) or not messages:
+        raise TokenizerError("messages must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise TokenizerError(f"messages[{i}] must be an object with a string 'role'")
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(
+                str(p.get("text", ""))
+                for p in content
+                if isinstance(p, dict) and p.get("type", "text") == "text"
+            )
+        elif content is not None and not isinstance(content, str):
+            raise TokenizerError(f"messages[{i}].content must be a string or a list of text parts")
+        out.append({"role": m["role"], "content": content or ""})
+    return out

@@ -1,0 +1,148 @@
+"""The runtime's hot ops in plain torch: the CPU path, and the fallback anywhere the Triton kernels are
+not available. Signatures follow the kernels' dispatchers (`concilium.kernels`), plus optional
+host-side hints (`max_len`, `slot_range`) that let the CPU path avoid copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    new_residual = x + residual
+    return rmsnorm(new_residual, weight, eps), new_residual
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope_kv_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T,Hq,D] and k [T,Hk,D]; write rotated k and v at k_cache[slots[t], :, positions[t]]."""
+    c = cos[positions][:, None, :].to(q.dtype)  # [T, 1, D/2]
+    s = sin[positions][:, None, :].to(q.dtype)
+    q_rot = _rotate(q, c, s)
+    k_rot = _rotate(k, c, s)
+    k_cache[slots, :, positions] = k_rot
+    v_cache[slots, :, positions] = v
+    return q_rot, k_rot
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    max_len: int | None = None,
+    slot_range: tuple[int, int] | None = None,
+    uniform: bool = False,
+) -> torch.Tensor:
+    """q [B,Hq,D], one new token per sequence, attending over its cache [0, seq_lens[b]).
+
+    `max_len` is the largest seq_len, `slot_range` = (first, count) when the slots are consecutive,
+    `uniform` when every sequence has the same length (no mask needed).
+    """
+    if max_len is None:
+        max_len = int(seq_lens.max())
+    if slot_range is not None:
+        first, count = slot_range
+        k = k_cache[first : first + count, :, :max_len]
+        v = v_cache[first : first + count, :, :max_len]
+    else:
+        k = k_cache[:, :, :max_len].index_select(0, slots)
+        v = v_cache[:, :, :max_len].index_select(0, slots)
+    b, hq, d = q.shape
+    hk = k.shape[1]
+    # Grouped-query attention as two small batched matmuls: [B, Hk, G, D] x [B, Hk, D, L].
+    scores = torch.matmul(q.view(b, hk, hq // hk, d), k.transpose(-1, -2)).mul_(scale)
+    if not uniform:
+        pos = torch.arange(max_len, device=q.device)
+        hidden = pos[None, :] >= seq_lens[:, None].to(pos.dtype)  # [B, L]
+        scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v).view(b, hq, d)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal self-attention of one fresh sequence: q [T,Hq,D], k/v [T,Hk,D] -> [T,Hq,D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        is_causal=True,
+        scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+    return out.squeeze(0).transpose(0, 1)
+
+
+def router_topk(
+    logits: torch.Tensor, k: int, scoring: str = "softmax", renormalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token: (weights [T,k] fp32, ids [T,k] int32)."""
+    if scoring == "softmax":
+        probs = torch.softmax(logits.float(), dim=-1)
+    elif scoring == "sigmoid":
+        probs = torch.sigmoid(logits.float())
+    else:
+        raise ValueError(f"unknown router scoring {scoring!r}")
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """sum_k w_k * down_e(silu(gate_e(x)) * up_e(x)) with w13 = [gate; up] stacked per expert."""
+    if activation != "silu":
+        raise ValueError(f"unsupported activation {activation!r}")
+    n_tokens, k = topk_ids.shape
+    inter = w2.shape[2]
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    flat_w = topk_weights.reshape(-1)
+    out = torch.zeros_like(x)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        idx = order[start : start + c]
+        start += c
+        tok = idx // k
+        h = F.linear(x[tok], w13[e])
+        h = F.silu(h[:, :inter]) * h[:, inter:]
+        h = F.linear(h, w2[e]) * flat_w[idx, None].to(x.dtype)
+        out.index_add_(0, tok, h)
+    return out
