@@ -136,6 +136,10 @@ class GGUFSource:
             arr = _unpermute(arr, self.cfg.num_heads if kind.startswith("q") else self.cfg.num_kv_heads)
         return torch.from_numpy(np.array(arr, copy=True) if not arr.flags.writeable else arr)
 
+    def matrix_types(self) -> set[str]:
+        """Block types of the 2-D weights (projections and embeddings)."""
+        return {t.tensor_type.name for t in self.reader.tensors if len(t.shape) == 2}
+
     def get_blocks(self, name: str) -> BlockWeight | None:
         """The stored 4-bit/8-bit blocks of a 2-D weight (Q4_0, Q4_1, Q8_0), or None for other types."""
         t = self.tensors.get(self._gguf_name(name))

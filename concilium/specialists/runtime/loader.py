@@ -380,7 +380,10 @@ def load_model(
     available_bytes: int | None = None,
     weights: str = "dense",
 ) -> LoadedModel:
-    """Check that the model fits, then load weights (and the tokenizer) from a directory or GGUF file."""
+    """Check that the model fits, then load weights (and the tokenizer) from a directory or GGUF file.
+
+    `weights`: "dense" (every weight in `dtype`), "int4" (CPU: 4-bit projections, see `quant`), or
+    "auto" (int4 on CPU for GGUF files whose matrices are Q4_0/Q4_1/Q8_0 blocks, dense otherwise)."""
     from concilium.specialists.runtime.gguf_loader import GGUFSource
     from concilium.specialists.runtime.memory import check_fits, plan_memory
     from concilium.specialists.runtime.model import Model, select_ops
@@ -396,9 +399,13 @@ def load_model(
     if p.is_file() and p.suffix == ".gguf":
         gsrc = GGUFSource(p)
         cfg, src = gsrc.cfg, gsrc
+        lossless_int4 = gsrc.matrix_types() <= {"Q4_0", "Q4_1", "Q8_0"}
     else:
         cfg = read_config(p)
         src = SafetensorsSource(p, cfg)
+        lossless_int4 = False
+    if weights == "auto":  # int4 on CPU when the file's blocks map onto it as stored
+        weights = "int4" if dev.type == "cpu" and lossless_int4 and int4_supported() else "dense"
     seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
     plan = plan_memory(cfg, tdtype, max_batch, seq_len, cache_slots=max_batch + 1, weights=weights)
     check_fits(plan, dev, available_bytes)
