@@ -7,6 +7,7 @@ never re-encoded.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,8 @@ import orjson
 
 from concilium.specialists.base import Provider, ProviderError, classify_status
 
+# Longest wait for the end of a streamed body after its [DONE] event.
+_END_WAIT_S = 0.25
 # Gateway-level fields an upstream would reject.
 _GATEWAY_ONLY = ("metadata", "background", "user_tags")
 
@@ -61,6 +64,23 @@ def check_event(who: str, event: bytes) -> None:
         err = obj["error"]
         msg = err.get("message") if isinstance(err, dict) else err
         raise ProviderError(f"{who}: upstream stream error: {msg}", code="upstream_stream_error")
+
+
+async def _read_to_end(resp: aiohttp.ClientResponse) -> None:
+    """After [DONE], read the (normally empty, already arriving) end of the body.
+
+    A response left unfinished closes its connection; one read to the end goes back to the pool, so
+    the next request skips a new TCP connection. An upstream that keeps the body open after [DONE]
+    gets `_END_WAIT_S`, then its connection is closed as before.
+    """
+    if resp.content.at_eof():
+        return
+    try:
+        async with asyncio.timeout(_END_WAIT_S):
+            while await resp.content.readany():
+                pass
+    except (TimeoutError, aiohttp.ClientError):
+        pass
 
 
 class OpenAICompatProvider(Provider):
@@ -146,6 +166,7 @@ class OpenAICompatProvider(Provider):
                         if not event.startswith(b"data:"):
                             continue  # comments / keep-alives / other fields
                         if event.startswith(b"data: [DONE]") or event.startswith(b"data:[DONE]"):
+                            await _read_to_end(resp)
                             return
                         check_event(self.name, event)
                         yield event
