@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from concilium.policy.loader import MAX_POLICY_BYTES, PolicyError, format_loc
+from concilium.policy.loader import _safe_yaml as safe_yaml
 from concilium.policy.schema import Policy
 
 HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -227,7 +228,11 @@ def load_key_file(path: str | Path) -> KeysSection:
     except UnicodeDecodeError as e:
         raise PolicyError(str(p), [("", f"not UTF-8 text: {e.reason} at byte {e.start}")]) from None
     try:
-        data = yaml.safe_load(text) if text.strip() else {}
+        data = safe_yaml(text) if text.strip() else {}
+    except ValueError as e:
+        raise PolicyError(str(p), [("", str(e))]) from None
+    except RecursionError:
+        raise PolicyError(str(p), [("", "YAML nested too deeply")]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
