@@ -43,9 +43,25 @@ def _module_exists(name: str) -> bool:
         return False
 
 
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A self-contained schema: each `#/$defs/X` reference replaced by its definition (no cycles here)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
 def _body_schema(model: type) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+        "schema": _inline_refs(model.model_json_schema())}}}}
 
 
 def create_app(settings: Settings | None = None, policy_path: str | None = None) -> FastAPI:
