@@ -70,7 +70,7 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 
 
 async def _submit(request: Request, kind: str, chat_body: dict[str, Any], tmpl: dict[str, Any], plan: RoutePlan,
-                  snap: Snapshot, fingerprint_body: dict[str, Any]) -> str:
+                  snap: Snapshot, fingerprint_body: dict[str, Any]) -> tuple[str, bool]:
     service = _service(request)
     idem = request.headers.get("idempotency-key")
     if idem is not None and not (0 < len(idem) <= 255):
@@ -88,7 +88,7 @@ async def _submit(request: Request, kind: str, chat_body: dict[str, Any], tmpl: 
         raise APIError(503, f"the job queue is unavailable: {e}", code="queue_unavailable") from None
     if created:
         request.app.state.jobs_submitted.labels(kind, plan.route).inc()
-    return job_id
+    return job_id, created
 
 
 # --------------------------------------------------------------------------- Responses API
@@ -133,8 +133,8 @@ async def create_response(request: Request) -> Response:
     plan = plan_request(snap, chat_body, request_id(request))
     if not plan.candidates:
         raise no_candidates(plan)
-    job_id = await _submit(request, "response", chat_body, template(body, chat_body["model"], time.time()),
-                           plan, snap, body)
+    job_id, created = await _submit(request, "response", chat_body,
+                                    template(body, chat_body["model"], time.time()), plan, snap, body)
     service = _service(request)
     headers = {**plan_headers(plan), "x-concilium-job-id": job_id}
     if stream:
@@ -148,6 +148,8 @@ async def create_response(request: Request) -> Response:
             return Response(status_code=499)
         return _json(response_object(job_id, rec), headers=headers)
     rec = await service.store.get(job_id)
+    if created:  # as it was created (a worker may have taken it already); a repeat shows it as it is
+        rec = {"status": "queued", "spec": rec["spec"]}
     return _json(response_object(job_id, rec), headers=headers)
 
 
@@ -234,7 +236,7 @@ class ChatDiversion:
         if body.get("tools") or body.get("functions"):
             return await self._interactive(request, body, plan, snap)  # jobs carry text answers only
         tmpl = template({**body, "background": True}, body["model"], time.time())
-        job_id = await _submit(request, "chat", body, tmpl, plan, snap, body)
+        job_id, _ = await _submit(request, "chat", body, tmpl, plan, snap, body)
         model = plan.candidates[0].model
         headers = {**plan_headers(plan), "x-concilium-job-id": job_id}
         if body.get("stream"):

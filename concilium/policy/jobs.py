@@ -138,6 +138,18 @@ _cache: dict[int, tuple[Policy, JobsConfig]] = {}
 _cache_lock = threading.Lock()
 
 
+def _remember(policy: Policy, cfg: JobsConfig) -> None:
+    with _cache_lock:
+        if len(_cache) >= 8:
+            _cache.clear()
+        _cache[id(policy)] = (policy, cfg)
+
+
+def check_policy(policy: Policy, file: str) -> None:
+    """Validate a loaded policy's `jobs:` section (a section check for the policy loader)."""
+    _remember(policy, parse_jobs(policy, file))
+
+
 def jobs_config(policy: Policy) -> JobsConfig:
     """The parsed section, cached per policy object. An invalid section (which the gateway and the
     workers refuse at start) falls back to the defaults here, with one error in the log."""
@@ -149,10 +161,7 @@ def jobs_config(policy: Policy) -> JobsConfig:
     except PolicyError as e:
         log.error("jobs section invalid, using defaults:\n%s", e)
         cfg = JobsConfig()
-    with _cache_lock:
-        if len(_cache) >= 8:
-            _cache.clear()
-        _cache[id(policy)] = (policy, cfg)
+    _remember(policy, cfg)
     return cfg
 
 

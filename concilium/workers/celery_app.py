@@ -57,6 +57,9 @@ def make_celery(redis_url: str | None, queues: list[str], env: JobsEnv | None = 
         task_create_missing_queues=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # A job keeps running while the broker connection is down; its store decides what happens
+        # to the message that comes back (see JobRunner.run).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_pool_limit=10,
     )
     app.task(bind=True, base=JobTask, name=TASK_NAME, acks_late=True, reject_on_worker_lost=True,
