@@ -129,7 +129,8 @@ class GGUFSource:
 
     def get(self, name: str) -> torch.Tensor:
         if name.endswith((".w13", ".w2")):
-            return torch.from_numpy(self._experts(name))
+            arr = self._experts(name)
+            return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
         arr = self._read(self._gguf_name(name))
         kind = name.rsplit(".", 1)[-1]
         if self._permuted and kind in ("q", "k", "q_bias", "k_bias"):
