@@ -141,23 +141,24 @@ def _gate_up_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTER
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + token[:, None] * stride_xt + ks[None, :]
-    gate_ptrs = w_ptr + expert * stride_we + cols[None, :] * stride_wn + ks[:, None]
-    up_ptrs = gate_ptrs + INTER * stride_wn
+    # Scalar bases plus int32 tile offsets: a tensor of 64-bit pointers per tile would cost two
+    # registers an element for the whole loop.
+    x_rows = x_ptr + token * stride_xt
+    gate_base = w_ptr + expert * stride_we
+    up_base = gate_base + INTER * stride_wn
+    w_offs = cols[None, :] * stride_wn + ks[:, None]
+    w_mask = col_ok[None, :]
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         k_ok = ks < H - k0
-        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(gate_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        u = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(x_rows[:, None] + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(gate_base + k0 + w_offs, mask=k_ok[:, None] & w_mask, other=0.0)
+        u = tl.load(up_base + k0 + w_offs, mask=k_ok[:, None] & w_mask, other=0.0)
         if UPCAST:
             a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
         acc_gate = tl.dot(a, g, acc_gate, input_precision=PRECISION)
         acc_up = tl.dot(a, u, acc_up, input_precision=PRECISION)
-        x_ptrs += BLOCK_K
-        gate_ptrs += BLOCK_K
-        up_ptrs += BLOCK_K
     act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
     safe_pair = tl.where(row_ok, pair, 0).to(tl.int64)
     tl.store(
@@ -200,18 +201,17 @@ def _down_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = act_ptr + safe_pair[:, None] * stride_at + ks[None, :]
-    w_ptrs = w_ptr + expert * stride_we + cols[None, :] * stride_wn + ks[:, None]
+    a_rows = act_ptr + safe_pair * stride_at
+    w_base = w_ptr + expert * stride_we
+    w_offs = cols[None, :] * stride_wn + ks[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, INTER, BLOCK_K):
         k_ok = ks < INTER - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(a_rows[:, None] + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_base + k0 + w_offs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
             a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
     acc = acc * tl.load(topk_w_ptr + safe_pair, mask=row_ok, other=0.0)[:, None]
     tl.store(
         out_ptr + safe_pair[:, None] * stride_ot + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :]
