@@ -178,22 +178,33 @@ async def _relay(handle: call.StreamHandle, plan: RoutePlan, snap: Snapshot, met
                  want_usage: bool, t0: float, ticket: Any = None) -> AsyncIterator[bytes]:
     usage: dict | None = None
     status = "ok"
+    # Events that arrived together leave together: while the provider says the next event is already
+    # here (`ready()`), hold this one, then write them all at once. Same bytes, fewer writes.
+    ready = getattr(handle.rest, "ready", None)
+    pending: list[bytes] = list(handle.first)
     try:
-        for ev in handle.first:
-            yield ev
+        if pending and not (ready and ready()):
+            yield b"".join(pending)
+            pending.clear()
         async for ev in handle.rest:
             if b'"usage":{' in ev or b'"usage": {' in ev:
                 u = orjson.loads(ev[5:]).get("usage")
                 if isinstance(u, dict):
                     usage = u
                     if not want_usage and b'"choices":[]' in ev.replace(b" ", b""):
-                        continue  # the client did not ask for the usage chunk
-            yield ev
-        yield _DONE
+                        ev = b""  # the client did not ask for the usage chunk
+            if ev:
+                pending.append(ev)
+            if pending and not (ready and ready()):
+                yield b"".join(pending)
+                pending.clear()
+        pending.append(_DONE)
+        yield b"".join(pending)
     except ProviderError as e:
         status = "error"
-        yield sse_error(f"the stream from {handle.model} failed after it started: {e.message}",
-                        code=e.code or "stream_failed")
+        pending.append(sse_error(f"the stream from {handle.model} failed after it started: {e.message}",
+                                 code=e.code or "stream_failed"))
+        yield b"".join(pending)
     except asyncio.CancelledError:
         status = "cancelled"
         raise

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import aiohttp
@@ -83,6 +83,37 @@ async def _read_to_end(resp: aiohttp.ClientResponse) -> None:
         pass
 
 
+class SSEEvents:
+    """The events of one streamed answer, one per iteration, plus a hint for whoever relays them.
+
+    `ready()` is True when the next event has already arrived (it is waiting in the read buffer), so
+    a relay can write the events of one network read with one write instead of one write each.
+    """
+
+    __slots__ = ("buf", "_it")
+
+    def __init__(self) -> None:
+        self.buf = b""  # bytes read but not yet yielded (the generator keeps it up to date)
+        self._it: AsyncIterator[bytes] | None = None
+
+    def start(self, it: AsyncIterator[bytes]) -> None:
+        self._it = it
+
+    def __aiter__(self) -> SSEEvents:
+        return self
+
+    def __anext__(self) -> Awaitable[bytes]:
+        return self._it.__anext__()
+
+    async def aclose(self) -> None:
+        await self._it.aclose()
+
+    def ready(self) -> bool:
+        buf = self.buf
+        return (b"\n\n" in buf and buf.startswith(b"data:")
+                and not (buf.startswith(b"data: [DONE]") or buf.startswith(b"data:[DONE]")))
+
+
 class OpenAICompatProvider(Provider):
     kind = "openai"
 
@@ -147,7 +178,12 @@ class OpenAICompatProvider(Provider):
             raise ProviderError(f"{self.name}: upstream response has no choices", code="bad_upstream_json")
         return out
 
-    async def stream(self, body: dict[str, Any], *, timeout: float) -> AsyncIterator[bytes]:
+    def stream(self, body: dict[str, Any], *, timeout: float) -> SSEEvents:
+        events = SSEEvents()
+        events.start(self._events(body, timeout, events))
+        return events
+
+    async def _events(self, body: dict[str, Any], timeout: float, st: SSEEvents) -> AsyncIterator[bytes]:
         data, headers = self._request(body, stream=True)
         headers["accept"] = "text/event-stream"
         # `timeout` bounds the wait for the first byte and each gap between chunks, not the whole stream.
@@ -156,9 +192,8 @@ class OpenAICompatProvider(Provider):
             async with self._get_session().post(self.url, data=data, headers=headers, timeout=ct) as resp:
                 if resp.status != 200:
                     raise await error_from_response(resp, self.name)
-                buf = b""
                 async for piece in resp.content.iter_any():
-                    buf += piece
+                    buf = st.buf + piece
                     if b"\r" in buf:
                         buf = buf.replace(b"\r\n", b"\n")
                     while (i := buf.find(b"\n\n")) >= 0:
@@ -166,10 +201,13 @@ class OpenAICompatProvider(Provider):
                         if not event.startswith(b"data:"):
                             continue  # comments / keep-alives / other fields
                         if event.startswith(b"data: [DONE]") or event.startswith(b"data:[DONE]"):
+                            st.buf = b""
                             await _read_to_end(resp)
                             return
                         check_event(self.name, event)
+                        st.buf = buf
                         yield event
+                    st.buf = buf
                 raise ProviderError(f"{self.name}: stream ended before [DONE]", code="stream_dropped")
         except TimeoutError:
             raise ProviderError(f"{self.name}: no data for {timeout:g}s", status=504, code="timeout") from None
