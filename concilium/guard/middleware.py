@@ -1,5 +1,5 @@
 """Authentication as a pure ASGI middleware: every `/v1/` request needs a valid key once the policy
-(or the key file) defines keys; the key found is put on `request.state.concilium_key`."""
+(or the key file) defines keys; the key found is put on `request.state.key`."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from concilium.router.plan import RoutePlan
 log = logging.getLogger("concilium.guard")
 RESERVATION_TTL_S = 3600.0  # a crashed replica's reservations lapse after this
 KEY_FILE_CHECK_S = 1.0
-STATE_KEY = "concilium_key"
+STATE_KEY = "key"  # request.state.key: the caller's Key (jobs use its name as the owner)
 
 
 def _nano(usd: float | None) -> int | None:

@@ -32,6 +32,7 @@ class FailoverStore:
         self.pending: deque[tuple[str, list[Charge], Window]] = deque(maxlen=MAX_PENDING)
         self._flushing = False
         self._local_rids: set[str] = set()
+        self._probe: asyncio.Task | None = None
 
     @property
     def degraded(self) -> bool:
@@ -42,6 +43,18 @@ class FailoverStore:
             log.warning("limits store down, enforcing limits in this process until it is back: %s", e)
         self.down_reason = str(e)
         self.down_until = time.monotonic() + self.retry_every_s
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        """Notice the store coming back even when no request arrives, and replay what is pending."""
+        while self.down_reason is not None:
+            await asyncio.sleep(max(self.retry_every_s, 0.05))
+            try:
+                await self.primary.ping()
+            except StoreUnavailable:
+                continue
+            self._up()
 
     def _up(self) -> None:
         if self.down_reason is not None:
@@ -105,14 +118,19 @@ class FailoverStore:
     async def usage(self, scope: str, rpm: int | None, tpm: int | None, w: Window) -> ScopeUsage:
         if time.monotonic() >= self.down_until:
             try:
-                return await self.primary.usage(scope, rpm, tpm, w)
+                out = await self.primary.usage(scope, rpm, tpm, w)
             except StoreUnavailable as e:
                 self._down(e)
+            else:
+                self._up()
+                return out
         u = await self.local.usage(scope, rpm, tpm, w)
         day, sd, sm = self.primary.last_spent.get(scope, ("", 0, 0))
         return replace(u, spent_day=u.spent_day + (sd if day == w.day else 0), spent_month=u.spent_month + sm)
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         if self.pending:
             try:
                 await self.flush()

@@ -8,6 +8,7 @@ Per scope S (prefix `concilium:guard:`):
   S:rsv         hash: request id -> reserved nano-USD
   S:rsvx        sorted set: request id by expiry (a crashed replica's reservations lapse)
   S:rsvt        total reserved nano-USD
+  settled:<rid> the request was settled (kept 3 days: a replayed settle is not counted twice)
 Time comes from the gateway (seconds since the epoch); a bucket never refills backwards.
 """
 
@@ -99,9 +100,11 @@ end
 return out
 """
 
-# ARGV: rid, now, n, then per scope: nano, tokens, tpm
+# ARGV: rid, now, n, then per scope: nano, tokens, tpm. The last KEY marks the request settled, so a
+# settle that is retried (its reply was lost when Redis died) is applied once.
 SETTLE = _COMMON + """
 local rid, n = ARGV[1], tonumber(ARGV[3])
+if redis.call('SET', KEYS[#KEYS], '1', 'NX', 'EX', 3 * 86400) == false then return 0 end
 for i = 1, n do
   local k, a = (i - 1) * 6, 3 + (i - 1) * 3
   local amt = redis.call('HGET', KEYS[k + 4], rid)
@@ -197,6 +200,7 @@ class RedisStore:
         for c in charges:
             keys += _keys(c.scope, w)
             args += [str(c.nano), str(c.tokens), _opt(c.tpm, 0)]
+        keys.append(PREFIX + "settled:" + rid)
         try:
             await self._settle(keys=keys, args=args)
         except _DOWN as e:

@@ -19,22 +19,26 @@ class RedisServer:
     port: int
     proc: subprocess.Popen | None
     dir: Path
+    durable: bool = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @classmethod
-    def start(cls, dir: Path, port: int | None = None) -> RedisServer:
+    def start(cls, dir: Path, port: int | None = None, durable: bool = False) -> RedisServer:
+        """`durable`: every write is fsynced to an append-only file, so a killed server restarted on the
+        same directory has everything it acknowledged."""
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         port = port or free_port()
         dir.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", str(dir)],
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
+        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
+                                 "--dir", str(dir)],
                                 stdout=(dir / "redis.log").open("w"), stderr=subprocess.STDOUT)
-        srv = cls(port, proc, dir)
+        srv = cls(port, proc, dir, durable)
         wait_until(srv.ping, 20, "redis-server", proc, dir / "redis.log")
         return srv
 
@@ -53,7 +57,7 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:  # the port may linger for a moment
             try:
-                fresh = RedisServer.start(self.dir, self.port)
+                fresh = RedisServer.start(self.dir, self.port, self.durable)
                 break
             except RuntimeError:
                 if time.monotonic() > deadline:

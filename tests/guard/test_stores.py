@@ -144,3 +144,16 @@ async def test_failover_serves_locally_and_replays(redis_server):
     u = await primary.usage("key:f", None, None, W)
     assert u.spent_day == 700  # 1 + 6 charges of 100 settled during the outage, none lost
     await fo.close()
+
+
+async def test_redis_settle_is_applied_once(redis_server):
+    s = RedisStore(redis_server.url)
+    try:
+        c = Charge("key:once", 100, 0, cap_day=1000)
+        assert await s.reserve("r", [c], 60, W) is None
+        for _ in range(3):  # a settle replayed after a lost reply
+            await s.settle("r", [Charge("key:once", 70, 0)], W)
+        u = await s.usage("key:once", None, None, W)
+        assert (u.spent_day, u.reserved) == (70, 0)
+    finally:
+        await s.close()
