@@ -106,5 +106,5 @@ def test_a_stream_broken_after_its_first_token_ends_with_an_error_event(flaky, u
     completes = [r for r in results if r[0] == "complete"]
     assert streams and completes
     assert all(err is None for _, err, _ in completes)  # non-streamed calls are unaffected
-    for _, err, text in streams:  # the client is told, in the stream, that it broke
+    for _, err, _text in streams:  # the client is told, in the stream, that it broke
         assert err is not None and "failed after it started" in err, err
