@@ -25,6 +25,14 @@ it runs a whole model through the kernels on a machine without a GPU. The variab
 every call. For CUDA graphs: no dispatcher reads device values on the host when it runs Triton
 (decode_attention sizes its grid from the cache length, or from the optional host-side
 `max_seq_len` bound), so a decode step can be captured.
+
+Checking and tuning
+-------------------
+`pytest tests/kernels` proves each kernel against its reference (in the interpreter on CPU, on
+the device when there is a GPU). `python -m concilium.kernels.aot --arch 90` compiles every
+configuration in the tables for a GPU architecture without needing one. On a GPU,
+`python benchmarks/kernels.py` measures the kernels against eager and compiled references and
+`--tune` adds measured fused-MoE tables for that device.
 """
 
 from concilium.kernels.decode_attention import decode_attention

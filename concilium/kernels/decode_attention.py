@@ -203,7 +203,9 @@ def _decode_merge_kernel(
     top = tl.max(lse, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)
     w = tl.exp2(lse - top)
-    parts = tl.load(part_ptr + row[:, None] * BLOCK_D + d[None, :], mask=(w > 0.0)[:, None], other=0.0)
+    parts = tl.load(
+        part_ptr + row[:, None] * BLOCK_D + d[None, :], mask=(w > 0.0)[:, None] & (d < D)[None, :], other=0.0
+    )
     total = tl.sum(w, axis=0)
     result = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + b * so_b + h * so_h + d, result.to(out_ptr.dtype.element_ty), mask=d < D)
