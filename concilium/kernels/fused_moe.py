@@ -250,6 +250,8 @@ def fused_moe_triton(
     device = check_launch(OP, x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
     for name, t in (("x", x), ("w13", w13), ("w2", w2)):
         check_inner_contiguous(OP, name, t)
+    if max(w13.stride(0), w13.shape[1] * w13.stride(1), w2.stride(0)) >= 2**31:
+        raise ValueError(f"{OP}: one expert's weights must span fewer than 2**31 elements (int32 tile offsets)")
     if out is None:
         out = torch.empty((T, H), dtype=x.dtype, device=device)
     else:
