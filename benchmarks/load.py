@@ -1,0 +1,322 @@
+"""Sustained load and memory soak: Concilium's mixed workload, side by side with LiteLLM's proxy.
+
+Open-loop load (requests are sent on a fixed schedule, whatever the server's speed, and each latency
+is counted from its scheduled send time, so a server that falls behind is not flattered). Servers on
+loopback, pointed at the project's fake OpenAI-compatible upstream (instant answers, 13 chunks):
+
+  concilium-mixed   API keys on (each request authenticated, rate-limited, its maximum cost reserved
+                    and settled), a mix of 70% streamed chat through `concilium/auto` (routing decision
+                    + streamed pass-through), 20% `POST /v1/route` (the decision alone) and 10%
+                    background jobs (`POST /v1/responses`, `background: true`, run by the embedded
+                    worker inside the gateway process)
+  concilium-stream  the same gateway, streamed chat only (what LiteLLM can be compared on)
+  litellm-stream    LiteLLM's proxy (benchmarks/.litellm-venv), streamed chat only, master key
+
+  added latency = a request's latency - the direct upstream's median for a streamed chat (for the
+                  routing dry run and the job submission, which call no model, the whole latency)
+  sustained rate = the highest offered rate (a ladder of steps) at which every request succeeded,
+                  the server kept up (>= 95% of the offered rate) and the p99 added latency <= 50 ms
+
+The server under test is pinned to one core; the load generator and the upstream share the other.
+The soak then runs each server at half its sustained rate for --soak-s seconds (default 600),
+sampling the resident memory of its whole process tree.
+
+Run:  .venv/bin/python benchmarks/load.py                 (ladder + 10-minute soak per server)
+      .venv/bin/python benchmarks/load.py --soak-s 60     (a shorter soak)
+      .venv/bin/python benchmarks/load.py --quick         (short steps, 30 s soak: a smoke run)
+Writes benchmarks/results/load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    RESULTS_DIR,
+    Service,
+    git_commit,
+    litellm_installed,
+    machine_info,
+    new_event_loop,
+    pin_self,
+    split_cores,
+    start_concilium,
+    start_fake_upstream,
+    start_litellm_proxy,
+    tree_pids,
+    versions,
+    write_json,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from concilium.guard.keys import hash_key, new_key  # noqa: E402
+
+P99_TARGET_S = 0.050
+MODEL = "bench"
+UPSTREAM_MODEL = "bench-upstream"
+PROMPT = "Please answer with a short friendly greeting for the sustained load benchmark run today"
+KEY = new_key()
+
+POLICY = f"""\
+# Written by benchmarks/load.py
+version: 1
+models:
+  {MODEL}:
+    provider: openai
+    base_url: {{upstream}}
+    model: {UPSTREAM_MODEL}
+    price: {{{{input: 0.15, output: 0.60}}}}
+routes:
+  - name: default
+    targets: [{MODEL}]
+keys:
+  - name: load
+    hash: {hash_key(KEY)}
+    budget: {{{{usd_per_day: 100000}}}}
+    rate: {{{{requests_per_min: 10000000, tokens_per_min: 1000000000}}}}
+"""
+
+
+def chat_body(stream: bool = True) -> dict[str, Any]:
+    return {"model": "concilium/auto", "messages": [{"role": "user", "content": PROMPT}], "stream": stream,
+            "max_tokens": 64}
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
+
+
+def rss_mib(svc: Service) -> float:
+    total = 0
+    for pid in tree_pids(svc.proc.pid):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+# ---------------------------------------------------------------- one open-loop step
+
+
+async def _send(session: Any, kind: str, base: str, headers: dict[str, str], model: str) -> None:
+    if kind == "stream":
+        body = {**chat_body(True), "model": model}
+        async with session.post(base + "/v1/chat/completions", json=body, headers=headers) as r:
+            raw = await r.read()
+            if r.status != 200 or not raw.rstrip().endswith(b"data: [DONE]"):
+                raise RuntimeError(f"stream: HTTP {r.status} {raw[-120:]!r}")
+    elif kind == "route":
+        async with session.post(base + "/v1/route", json=chat_body(False), headers=headers) as r:
+            raw = await r.read()
+            if r.status != 200 or b'"candidates"' not in raw:
+                raise RuntimeError(f"route: HTTP {r.status} {raw[:120]!r}")
+    else:  # a background job: the submission is what the client waits for
+        body = {"model": "concilium/auto", "input": PROMPT, "background": True, "max_output_tokens": 64}
+        async with session.post(base + "/v1/responses", json=body, headers=headers) as r:
+            raw = await r.read()
+            if r.status not in (200, 202) or b'"id"' not in raw:
+                raise RuntimeError(f"job: HTTP {r.status} {raw[:120]!r}")
+
+
+async def open_loop(base: str, rate: float, seconds: float, mix: dict[str, float], headers: dict[str, str],
+                    model: str, seed: int = 0) -> dict[str, Any]:
+    """Send round(rate*seconds) requests on schedule; latency from each scheduled send time."""
+    import aiohttp
+
+    rng = random.Random(seed)
+    kinds, weights = list(mix), list(mix.values())
+    n = max(1, round(rate * seconds))
+    lat: dict[str, list[float]] = {k: [] for k in kinds}
+    errors: list[str] = []
+    lag: list[float] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        t0 = time.perf_counter() + 0.05
+
+        async def one(i: int, kind: str) -> None:
+            due = t0 + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            lag.append(max(0.0, time.perf_counter() - due))
+            try:
+                await _send(session, kind, base, headers, model)
+            except Exception as e:  # counted: errors fail the step
+                errors.append(f"{type(e).__name__}: {e}"[:200])
+                return
+            lat[kind].append(time.perf_counter() - due)
+
+        plan = [(i, rng.choices(kinds, weights)[0]) for i in range(n)]
+        await asyncio.gather(*(one(i, k) for i, k in plan))
+        wall = time.perf_counter() - t0
+    done = sum(len(v) for v in lat.values())
+    return {"offered_rps": rate, "requests": n, "ok": done, "errors": len(errors), "error_samples": errors[:3],
+            "achieved_rps": done / wall if wall > 0 else 0.0, "latencies": lat,
+            "generator_lag_p99_ms": pct(lag, 99) * 1000}
+
+
+def summarise(step: dict[str, Any], baseline_s: float) -> dict[str, Any]:
+    added: list[float] = []
+    per_kind = {}
+    for kind, xs in step.pop("latencies").items():
+        base = baseline_s if kind == "stream" else 0.0
+        adds = [x - base for x in xs]
+        added += adds
+        if xs:
+            per_kind[kind] = {"n": len(xs), "p50_ms": pct(xs, 50) * 1000, "p99_ms": pct(xs, 99) * 1000,
+                              "added_p99_ms": pct(adds, 99) * 1000}
+    step["per_kind"] = per_kind
+    step["added_p50_ms"] = pct(added, 50) * 1000
+    step["added_p99_ms"] = pct(added, 99) * 1000
+    step["kept_up"] = step["achieved_rps"] >= 0.95 * step["offered_rps"]
+    step["meets_target"] = (step["errors"] == 0 and step["kept_up"]
+                            and step["added_p99_ms"] <= P99_TARGET_S * 1000)
+    return step
+
+
+def ladder(loop: asyncio.AbstractEventLoop, svc: Service, name: str, base: str, rates: list[float],
+           seconds: float, mix: dict[str, float], headers: dict[str, str], model: str,
+           baseline_s: float) -> dict[str, Any]:
+    steps = []
+    best = 0.0
+    for rate in rates:
+        cpu0 = svc.cpu_seconds()
+        step = summarise(loop.run_until_complete(open_loop(base, rate, seconds, mix, headers, model)), baseline_s)
+        step["cpu_ms_per_request"] = (svc.cpu_seconds() - cpu0) * 1000 / max(1, step["ok"])
+        steps.append(step)
+        mark = "ok" if step["meets_target"] else "--"
+        print(f"  {name:17s} {rate:6.0f} req/s offered  {step['achieved_rps']:6.1f} achieved  "
+              f"added p50 {step['added_p50_ms']:6.1f} ms  p99 {step['added_p99_ms']:7.1f} ms  "
+              f"cpu {step['cpu_ms_per_request']:5.2f} ms/req  errors {step['errors']}  {mark}", flush=True)
+        if step["meets_target"]:
+            best = rate
+        elif step["errors"] or not step["kept_up"] or step["added_p99_ms"] > 4 * P99_TARGET_S * 1000:
+            break  # well past saturation: higher steps only queue more
+    return {"server": name, "mix": mix, "sustained_rps": best, "steps": steps}
+
+
+def soak(loop: asyncio.AbstractEventLoop, svc: Service, name: str, base: str, rate: float, seconds: float,
+         mix: dict[str, float], headers: dict[str, str], model: str, every_s: float = 5.0) -> dict[str, Any]:
+    samples: list[tuple[float, float]] = []
+    errors = 0
+    t_start = time.perf_counter()
+    chunk = max(every_s, 1.0)
+    while time.perf_counter() - t_start < seconds:
+        step = loop.run_until_complete(open_loop(base, rate, chunk, mix, headers, model,
+                                                 seed=len(samples)))
+        errors += step["errors"]
+        samples.append((round(time.perf_counter() - t_start, 1), round(rss_mib(svc), 2)))
+    half = [s for s in samples if s[0] >= seconds / 2] or samples
+    slope = 0.0
+    if len(half) >= 2:  # least squares over the second half, MiB per minute
+        xs, ys = [s[0] for s in half], [s[1] for s in half]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        den = sum((x - mx) ** 2 for x in xs)
+        slope = (sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den * 60) if den else 0.0
+    out = {"server": name, "rate_rps": rate, "seconds": seconds, "errors": errors,
+           "rss_first_mib": samples[0][1], "rss_last_mib": samples[-1][1],
+           "rss_max_mib": max(s[1] for s in samples), "slope_second_half_mib_per_min": round(slope, 3),
+           "samples": samples}
+    print(f"  {name:17s} soak {seconds:.0f}s at {rate:.0f} req/s: RSS {out['rss_first_mib']:.1f} -> "
+          f"{out['rss_last_mib']:.1f} MiB (max {out['rss_max_mib']:.1f}), second-half slope "
+          f"{slope:+.2f} MiB/min, errors {errors}", flush=True)
+    return out
+
+
+def direct_baseline(loop: asyncio.AbstractEventLoop, upstream: Service) -> float:
+    step = loop.run_until_complete(open_loop(upstream.base_url, 20, 3, {"stream": 1.0}, {}, UPSTREAM_MODEL))
+    xs = step["latencies"]["stream"]
+    if step["errors"] or not xs:
+        raise RuntimeError(f"direct upstream failed: {step['error_samples']}")
+    return pct(xs, 50)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--step-s", type=float, default=10.0, help="seconds per ladder step")
+    ap.add_argument("--soak-s", type=float, default=None, help="soak duration per server (default 600 s)")
+    ap.add_argument("--rates", default="5,10,20,30,40,60,80,100,125,150,200,250,300,400",
+                    help="offered req/s ladder")
+    ap.add_argument("--quick", action="store_true", help="3 s steps and a 30 s soak (unless --soak-s)")
+    ap.add_argument("--no-litellm", action="store_true", help="skip LiteLLM's proxy")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "load.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.step_s = 3.0
+    if args.soak_s is None:
+        args.soak_s = 30.0 if args.quick else 600.0
+    rates = [float(r) for r in args.rates.split(",")]
+    server_cores, driver_cores = split_cores()
+    pin_self(driver_cores)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    upstream = start_fake_upstream(driver_cores)
+    results: dict[str, Any] = {"ladders": [], "soaks": []}
+    services: list[Service] = [upstream]
+    try:
+        baseline = direct_baseline(loop, upstream)
+        print(f"direct upstream, streamed chat: p50 {baseline * 1000:.2f} ms", flush=True)
+        gw = start_concilium(POLICY.format(upstream=upstream.meta["v1"]), server_cores)
+        services.append(gw)
+        auth = {"authorization": f"Bearer {KEY}"}
+        mixed = {"stream": 0.7, "route": 0.2, "job": 0.1}
+        plans = [("concilium-mixed", gw, gw.base_url, mixed, auth, "concilium/auto"),
+                 ("concilium-stream", gw, gw.base_url, {"stream": 1.0}, auth, "concilium/auto")]
+        if not args.no_litellm:
+            if not litellm_installed():
+                print("installing LiteLLM's proxy into benchmarks/.litellm-venv ...", flush=True)
+            lp = start_litellm_proxy(MODEL, upstream.meta["v1"], UPSTREAM_MODEL, cores=server_cores)
+            services.append(lp)
+            plans.append(("litellm-stream", lp, lp.base_url, {"stream": 1.0},
+                          {"authorization": f"Bearer {lp.meta['master_key']}"}, MODEL))
+        print(f"ladder: {args.step_s:.0f} s per step, p99 added latency target {P99_TARGET_S * 1000:.0f} ms",
+              flush=True)
+        for name, svc, base, mix, headers, model in plans:
+            loop.run_until_complete(open_loop(base, 10, 1, mix, headers, model))  # warm up
+            results["ladders"].append(ladder(loop, svc, name, base, rates, args.step_s, mix, headers, model,
+                                             baseline))
+        print(f"soak: {args.soak_s:.0f} s per server at half its sustained rate", flush=True)
+        for (name, svc, base, mix, headers, model), lad in zip(plans, results["ladders"], strict=True):
+            if name == "concilium-stream":
+                continue  # the mixed soak covers the same process
+            rate = max(5.0, lad["sustained_rps"] / 2)
+            results["soaks"].append(soak(loop, svc, name, base, rate, args.soak_s, mix, headers, model))
+    finally:
+        for s in reversed(services):
+            s.stop()
+    by = {lad["server"]: lad["sustained_rps"] for lad in results["ladders"]}
+    ratio = (by["concilium-stream"] / by["litellm-stream"]) if by.get("litellm-stream") else None
+    print("\n| server | sustained req/s at p99 added <= 50 ms |\n|---|---|")
+    for name, rps in by.items():
+        print(f"| {name} | {rps:.0f} |")
+    if ratio is not None:
+        print(f"\nstreamed chat, Concilium / LiteLLM sustained rate: {ratio:.1f}x")
+    out = {"benchmark": "load", "git_commit": git_commit(), "machine": machine_info(),
+           "versions": versions(["fastapi", "uvicorn", "aiohttp", "redis", "litellm", "orjson"]),
+           "litellm_proxy_version": "1.106.2" if not args.no_litellm else None,
+           "settings": {"step_s": args.step_s, "soak_s": args.soak_s, "rates": rates,
+                        "p99_added_target_ms": P99_TARGET_S * 1000, "server_cores": sorted(server_cores or []),
+                        "driver_cores": sorted(driver_cores or [])},
+           "direct_upstream_stream_p50_ms": baseline * 1000,
+           "sustained_rps": by, "concilium_over_litellm_stream": ratio, **results}
+    write_json(Path(args.out), out)
+    print(f"wrote {args.out}")
+    json.dumps(out)  # fail loudly here, not in a reader, if something is not serialisable
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
