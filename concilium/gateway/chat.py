@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,15 +26,27 @@ from concilium.specialists.base import ProviderError
 _DONE = b"data: [DONE]\n\n"
 
 
+def _header(request: Request, name: bytes) -> str | None:
+    """The first value of a (lower-case) request header, as `request.headers.get` would give it,
+    read straight from the ASGI scope (no Headers object, no KeyError for a missing header)."""
+    for k, v in request.scope["headers"]:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
 def request_id(request: Request) -> str:
-    rid = request.headers.get("x-request-id")
+    rid = _header(request, b"x-request-id")
     if rid and len(rid) <= 128 and rid.isascii() and rid.replace("-", "").replace("_", "").isalnum():
         return rid
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits: a correlation id, not a secret, so no urandom syscall per request.
+    return f"{random.getrandbits(128):032x}"
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    ctype = request.headers.get("content-type", "application/json")
+    ctype = _header(request, b"content-type")
+    if ctype is None:
+        ctype = "application/json"
     if "json" not in ctype:
         raise APIError(415, f"expected an application/json body, got content-type {ctype!r}",
                        code="unsupported_media_type")
