@@ -62,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
     worker_process_init.connect(_warm_up, weak=False)
     if args.pool != "prefork":
         worker_ready.connect(_warm_up, weak=False)
+
+    def announce(sender: object = None, **_: object) -> None:  # printed at any log level
+        print(f"concilium worker {getattr(sender, 'hostname', '')} ready: queues {', '.join(queues)}", flush=True)
+
+    worker_ready.connect(announce, weak=False)
     argv = ["worker", "-Q", ",".join(queues), "--pool", args.pool, "--loglevel", args.loglevel,
             "--without-gossip", "--without-mingle", "-O", "fair"]
     if args.concurrency:

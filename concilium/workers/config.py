@@ -22,8 +22,6 @@ class JobsEnv(BaseSettings):
     # How long a running job's lease lasts without renewal (renewed every third of it). After a
     # worker dies, another one takes the job over once the lease has lapsed.
     lease_s: float = Field(6.0, gt=0.5)
-    # How often a running job looks at its cancel flag.
-    cancel_poll_s: float = Field(0.1, gt=0)
     # Embedded mode: worker threads in the gateway process and the in-memory broker's poll interval.
     embedded_concurrency: int = Field(4, ge=1, le=256)
     embedded_poll_s: float = Field(0.01, gt=0)

@@ -1,7 +1,7 @@
 """Run one job: claim it, call the model through `specialists.call` (the gateway's own code path),
 publish its events, and end it exactly once.
 
-The run stops early when the job's cancel flag goes up (polled every CONCILIUM_JOBS_CANCEL_POLL_S),
+The run stops early when a cancel is requested (the store wakes it at once),
 at the soft timeout (status `incomplete`, partial answer kept), at the hard deadline (status
 `failed`), or when its lease was taken over by another worker (it then leaves the job alone).
 A run that takes over a job from a dead worker keeps what was already published: text the clients
@@ -144,6 +144,9 @@ class JobRunner:
             await self._end(job_id, record, "failed", prog, out, token, snap,
                             error=_hard_error(spec["hard_timeout_s"]))
             return RunResult("done")
+        if record["cancel"]:  # cancelled while no worker was running it
+            await self._end(job_id, record, "cancelled", prog, out, token, snap)
+            return RunResult("done")
         started = response_object(job_id, {"status": "in_progress", "spec": spec})
         if (first := out.in_progress(started)) and await store.append(job_id, token, first) is None:
             return RunResult("fenced")
@@ -188,20 +191,17 @@ class JobRunner:
                       cost=snap.cost_usd, error=error, incomplete=incomplete, token=token, out=out)
 
     async def _watch(self, job_id: str, token: str, prog: _Progress, stop: asyncio.Event) -> None:
-        """Look at the cancel flag and renew the lease until the run stops."""
+        """Wait for a cancel request, renewing the lease every third of it, until the run stops."""
         renew_every = self.env.lease_s / 3
-        next_renew = time.monotonic() + renew_every
         while not stop.is_set():
-            await asyncio.sleep(self.env.cancel_poll_s)
             try:
-                if await self.store.cancel_requested(job_id):
+                if await self.store.wait_cancel(job_id, renew_every):
                     _trigger(prog, stop, "cancel")
-                elif time.monotonic() >= next_renew:
-                    next_renew = time.monotonic() + renew_every
-                    if not await self.store.renew(job_id, token, self.env.lease_s):
-                        _trigger(prog, stop, "lost")
+                elif not await self.store.renew(job_id, token, self.env.lease_s):
+                    _trigger(prog, stop, "lost")
             except Exception as e:  # the store retries on its own; keep watching
                 log.warning("job %s: watcher: %s", job_id, e)
+                await asyncio.sleep(0.1)
 
     async def _pump(self, job_id: str, token: str, spec: dict[str, Any], snap: Snapshot, out: OutputEvents,
                     prog: _Progress, stop: asyncio.Event) -> None:

@@ -173,8 +173,8 @@ class JobService:
     # ------------------------------------------------------------------ cancel
 
     async def cancel(self, job_id: str, snap: Snapshot) -> dict[str, Any] | None:
-        """Raise the flag; a queued job ends now, a running one stops at its next look at the flag
-        (within CONCILIUM_JOBS_CANCEL_POLL_S) and keeps its partial answer. One that does not stop
+        """Raise the flag; a queued job ends now, a running one is woken by it, stops its model call
+        and keeps its partial answer. One that does not stop
         in time (a stuck or lost worker) is ended here from its events, and its process killed."""
         if not await self.store.request_cancel(job_id):
             return None

@@ -114,6 +114,11 @@ class JobStore(ABC):
     async def cancel_requested(self, job_id: str) -> bool: ...
 
     @abstractmethod
+    async def wait_cancel(self, job_id: str, timeout: float) -> bool:
+        """True as soon as a cancel is requested for the job (at once if one is pending), False
+        after `timeout` seconds without one."""
+
+    @abstractmethod
     async def bills(self, job_id: str | None = None) -> list[dict[str, Any]]:
         """The billing ledger (one entry per ended job that used tokens)."""
 
@@ -162,6 +167,7 @@ class MemoryJobStore(JobStore):
         self._active: dict[str, dict[str, float]] = {}
         self._bills: deque[dict[str, Any]] = deque(maxlen=100_000)
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+        self._cancel_waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
         self._next_sweep = 0.0
 
     def _sweep(self, now: float) -> None:
@@ -187,9 +193,35 @@ class MemoryJobStore(JobStore):
         self._wake(job_id)
         return len(job.events) - 1
 
-    def _wake(self, job_id: str) -> None:
-        for loop, fut in self._waiters.pop(job_id, []):
+    def _wake(self, job_id: str, waiters: dict | None = None) -> None:
+        for loop, fut in (self._waiters if waiters is None else waiters).pop(job_id, []):
             loop.call_soon_threadsafe(_resolve, fut)
+
+    async def _wait(self, waiters: dict, job_id: str, ready, timeout: float) -> bool:
+        """Wait until `ready(job)` (checked under the lock, re-checked on each wake-up) or timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                job = self._job(job_id)
+                if job is None:
+                    return False
+                if ready(job):
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                fut: asyncio.Future[None] = loop.create_future()
+                waiters.setdefault(job_id, []).append((loop, fut))
+            try:
+                await asyncio.wait_for(fut, left)
+            except TimeoutError:
+                pass
+            finally:
+                with self._lock:
+                    waiting = waiters.get(job_id, [])
+                    if (loop, fut) in waiting:
+                        waiting.remove((loop, fut))
 
     async def create(self, job_id, spec, events, *, owner, cap, idem, fingerprint, ttl_s, active_until):
         now = self._clock()
@@ -278,28 +310,11 @@ class MemoryJobStore(JobStore):
             return True
 
     async def read(self, job_id, after=-1, block_s=0.0, count=1000):
-        deadline = time.monotonic() + block_s
-        while True:
-            loop = asyncio.get_running_loop()
-            with self._lock:
-                job = self._job(job_id)
-                if job is None:
-                    return []
-                start = max(after + 1, 0)
-                if start < len(job.events):
-                    return job.events[start:start + count]
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return []
-                fut: asyncio.Future[None] = loop.create_future()
-                self._waiters.setdefault(job_id, []).append((loop, fut))
-            try:
-                await asyncio.wait_for(fut, left)
-            except TimeoutError:
-                with self._lock:
-                    waiting = self._waiters.get(job_id, [])
-                    if (loop, fut) in waiting:
-                        waiting.remove((loop, fut))
+        start = max(after + 1, 0)
+        await self._wait(self._waiters, job_id, lambda job: start < len(job.events), block_s)
+        with self._lock:
+            job = self._job(job_id)
+            return job.events[start:start + count] if job is not None else []
 
     async def request_cancel(self, job_id):
         with self._lock:
@@ -307,12 +322,16 @@ class MemoryJobStore(JobStore):
             if job is None:
                 return False
             job.cancel = True
+            self._wake(job_id, self._cancel_waiters)
             return True
 
     async def cancel_requested(self, job_id):
         with self._lock:
             job = self._job(job_id)
             return bool(job and job.cancel)
+
+    async def wait_cancel(self, job_id, timeout):
+        return await self._wait(self._cancel_waiters, job_id, lambda job: job.cancel, timeout)
 
     async def bills(self, job_id=None):
         with self._lock:

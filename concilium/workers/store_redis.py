@@ -6,6 +6,7 @@ Keys (prefix P, `concilium:jobs:` by default):
                       (the current owner's), worker, started_at, cancel, model, result (JSON)
   P job:<id>:ev       stream: one entry per event, entry id 0-<seq+1>, fields t (type) and d (JSON)
   P job:<id>:lease    the current owner's token, with the lease as its TTL
+  P job:<id>:cancel   list: a cancel request wakes the running job (BLPOP) at once
   P idem:<owner>:<h>  "<job id> <request fingerprint>" for an Idempotency-Key
   P active:<owner>    sorted set: the owner's queued and running jobs, scored by when they lapse
   P bills             stream: the billing ledger, one entry per ended job that used tokens
@@ -109,7 +110,7 @@ if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'model', ARGV[2]) end
 return add_events(3)
 """
 
-# KEYS job, ev, lease, active, bills | ARGV token ('' = force), status, result, ttl, id, bill, only_if, events...
+# KEYS job, ev, lease, active, bills, cancel list | ARGV token ('' = force), status, result, ttl, id, bill, only_if, events...
 _FINISH = _APPEND_FN + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return -1 end
@@ -120,7 +121,7 @@ redis.call('HSET', KEYS[1], 'status', ARGV[2], 'result', ARGV[3])
 add_events(8)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[3], KEYS[6])
 redis.call('ZREM', KEYS[4], ARGV[5])
 if ARGV[6] ~= '' then
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', 100000, '*', 'job', ARGV[5], 'bill', ARGV[6])
@@ -128,9 +129,12 @@ end
 return 1
 """
 
+# KEYS job, cancel list: the flag stays in the hash; the list wakes the running job's watcher.
 _CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'cancel', 1)
+redis.call('RPUSH', KEYS[2], 1)
+redis.call('EXPIRE', KEYS[2], 86400)
 return 1
 """
 
@@ -225,7 +229,7 @@ class RedisJobStore(JobStore):
         if owner is None:
             return False
         res = await self._finish(
-            keys=[k, k + ":ev", k + ":lease", f"{self.p}active:{owner.decode()}", f"{self.p}bills"],
+            keys=[k, k + ":ev", k + ":lease", f"{self.p}active:{owner.decode()}", f"{self.p}bills", k + ":cancel"],
             args=[token or "", status, orjson.dumps(result), ttl_s, job_id,
                   orjson.dumps(bill) if bill is not None else "", only_if or "", *_pairs(events)])
         return int(res) == 1
@@ -243,10 +247,16 @@ class RedisJobStore(JobStore):
         return out
 
     async def request_cancel(self, job_id):
-        return bool(await self._cancel(keys=[self._k(job_id)], args=[]))
+        k = self._k(job_id)
+        return bool(await self._cancel(keys=[k, k + ":cancel"], args=[]))
 
     async def cancel_requested(self, job_id):
         return await self.redis.hget(self._k(job_id), "cancel") == b"1"
+
+    async def wait_cancel(self, job_id, timeout):
+        if timeout <= 0:
+            return await self.cancel_requested(job_id)
+        return await self.redis.blpop([self._k(job_id) + ":cancel"], timeout=timeout) is not None
 
     async def bills(self, job_id=None):
         out = []

@@ -97,7 +97,7 @@ class WorkerProcess:
         proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=_env(env), cwd=ROOT,
                                 start_new_session=True)
         w = cls(name, proc, log)
-        wait_until(lambda: " ready." in log.read_text(), 60, f"worker {name}", proc, log)
+        wait_until(lambda: "concilium worker" in log.read_text(), 60, f"worker {name}", proc, log)
         return w
 
     @property
@@ -212,6 +212,9 @@ class Stack:
         return next((w for w in self.workers if w.name == name), None)
 
     def stop(self) -> None:
+        for w in self.workers:  # all at once: each finishes its warm shutdown in parallel
+            if w.alive:
+                w.proc.terminate()
         for w in self.workers:
             w.stop()
         self.gateway.stop()

@@ -137,11 +137,17 @@ async def test_a_blocked_reader_wakes_up_on_append(store):
     assert await store.read(job_id, after=2, block_s=0.2) == []
 
 
-async def test_cancel_flag(store):
+async def test_cancel_request_wakes_a_waiter(store):
     job_id, _ = await _create(store)
+    other, _ = await _create(store)
     assert not await store.cancel_requested(job_id)
+    waiter = asyncio.ensure_future(store.wait_cancel(job_id, 10))
+    await asyncio.sleep(0.1)
+    assert not waiter.done()
     assert await store.request_cancel(job_id)
-    assert await store.cancel_requested(job_id)
+    assert await asyncio.wait_for(waiter, 5)
+    assert await store.cancel_requested(job_id) and await store.wait_cancel(job_id, 0)
+    assert not await store.wait_cancel(other, 0.2)
     assert not await store.request_cancel("resp_missing")
 
 
