@@ -8,51 +8,29 @@ the runtime uses. Qwen architectures are stored unpermuted.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from concilium.specialists.runtime.config import ModelConfig, config_from_gguf_fields
+from concilium.specialists.runtime.gguf_file import GGUFFile, GGUFFormatError
 from concilium.specialists.runtime.loader import LoadError
 from concilium.specialists.runtime.quant import BlockWeight, from_gguf_blocks
 
-# Arrays that are large and only the tokenizer needs; their length is kept instead.
-_TOKENIZER_ARRAYS = (
-    "tokenizer.ggml.tokens",
-    "tokenizer.ggml.token_type",
-    "tokenizer.ggml.merges",
-    "tokenizer.ggml.scores",
-)
 
-
-def open_gguf(path: str | Path) -> Any:
-    from gguf import GGUFReader
-
+def open_gguf(path: str | Path) -> GGUFFile:
     p = Path(path)
     if not p.is_file():
         raise LoadError(f"GGUF file {p} does not exist")
     try:
-        return GGUFReader(str(p))
-    except Exception as e:  # the gguf package raises ValueError / struct errors on a bad file
+        return GGUFFile(p)
+    except (GGUFFormatError, ValueError) as e:
         raise LoadError(f"{p} is not a readable GGUF file: {e}") from None
 
 
-def read_metadata(reader: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for name, f in reader.fields.items():
-        if name in _TOKENIZER_ARRAYS:
-            meta[name + ".count"] = len(f.data)
-            continue
-        meta[name] = f.contents()
-    if "tokenizer.ggml.tokens.count" in meta:
-        meta["tokenizer.ggml.tokens"] = range(meta["tokenizer.ggml.tokens.count"])  # only len() is used
-    return meta
-
-
 def gguf_config(path: str | Path) -> ModelConfig:
-    reader = open_gguf(path)
-    return config_from_gguf_fields(read_metadata(reader), {t.name for t in reader.tensors})
+    f = open_gguf(path)
+    return config_from_gguf_fields(f.metadata, set(f.tensors))
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -66,9 +44,9 @@ class GGUFSource:
 
     def __init__(self, path: str | Path, cfg: ModelConfig | None = None) -> None:
         self.path = Path(path)
-        self.reader = open_gguf(path)
-        self.meta = read_metadata(self.reader)
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.file = open_gguf(path)
+        self.meta = self.file.metadata
+        self.tensors = self.file.tensors
         self.cfg = cfg or config_from_gguf_fields(self.meta, set(self.tensors))
         self._permuted = self.meta.get("general.architecture") == "llama"
 
@@ -139,7 +117,7 @@ class GGUFSource:
 
     def matrix_types(self) -> set[str]:
         """Block types of the 2-D weights (projections and embeddings)."""
-        return {t.tensor_type.name for t in self.reader.tensors if len(t.shape) == 2}
+        return {t.tensor_type.name for t in self.tensors.values() if len(t.shape) == 2}
 
     def get_blocks(self, name: str) -> BlockWeight | None:
         """The stored 4-bit/8-bit blocks of a 2-D weight (Q4_0, Q4_1, Q8_0), or None for other types."""

@@ -58,8 +58,10 @@ class BlockWeight:
 
     @staticmethod
     def concat(parts: list[BlockWeight]) -> BlockWeight:
+        if len(parts) == 1:
+            return parts[0]
         depth = max(len(p.planes) for p in parts)
-        padded = [p.planes + [_zero_plane(p.shape)] * (depth - len(p.planes)) for p in parts]
+        padded = [p.planes + [_zero_plane(p.shape) for _ in range(depth - len(p.planes))] for p in parts]
         return BlockWeight(
             [
                 Plane(

@@ -207,6 +207,9 @@ def prometheus_text(engine: Engine, model_name: str) -> str:
         f"concilium_runtime_requests_finished_total{{{label}}} {m['requests_finished']}",
         "# TYPE concilium_runtime_requests_cancelled_total counter",
         f"concilium_runtime_requests_cancelled_total{{{label}}} {m['requests_cancelled']}",
+        "# HELP concilium_runtime_batch_size_max Largest decode batch so far.",
+        "# TYPE concilium_runtime_batch_size_max gauge",
+        f"concilium_runtime_batch_size_max{{{label}}} {m['max_batch_seen']}",
     ]
     if m["expert_tokens"]:
         lines += [

@@ -3,7 +3,10 @@ the vocabulary, merges and `tokenizer.chat_template` stored in a GGUF file)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,33 @@ _FALLBACK_TEMPLATE = (
 
 class TokenizerError(ValueError):
     pass
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CONCILIUM_CACHE_DIR") or Path.home() / ".cache" / "concilium")
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    """Convert the vocabulary stored in a GGUF file (seconds), keeping the result in a cache keyed by
+    the file's path, size and mtime so that later loads read a tokenizer.json (milliseconds)."""
+    from transformers import AutoTokenizer
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    cached = _cache_dir() / "tokenizers" / key
+    if (cached / "tokenizer.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except Exception:  # a damaged cache entry: convert again
+            log.warning("ignoring unreadable tokenizer cache %s", cached)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tmp = cached.with_name(key + f".tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, cached) if not cached.exists() else shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:  # a read-only home is fine: convert every time
+        log.info("tokenizer cache not written (%s)", e)
+    return tok
 
 
 class Tokenizer:
@@ -38,7 +68,7 @@ class Tokenizer:
         p = Path(path)
         try:
             if p.is_file():  # GGUF
-                tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+                tok = _gguf_tokenizer(p)
             else:
                 tok = AutoTokenizer.from_pretrained(str(p))
         except Exception as e:
