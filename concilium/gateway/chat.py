@@ -175,7 +175,7 @@ async def _stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot,
     except (ProviderError, call.AllCandidatesFailed) as e:
         metrics.requests.labels(plan.candidates[0].model, plan.route, "error").inc()
         raise _provider_error(e, plan) from None
-    metrics.ttft.labels(handle.model, plan.route).observe(time.perf_counter() - t0)
+    metrics.child(metrics.ttft, handle.model, plan.route).observe(time.perf_counter() - t0)
     if handle.attempts:
         metrics.fallbacks.labels(plan.route).inc()
     want_usage = bool((body.get("stream_options") or {}).get("include_usage"))

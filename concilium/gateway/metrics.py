@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -25,12 +27,22 @@ class Metrics:
         self.in_flight = Gauge("concilium_requests_in_flight", "Requests being served", registry=r)
         self.policy_reloads = Counter("concilium_policy_reloads", "Policy reloads", ["result"], registry=r)
 
+        # Labelled children by (metric, label values): `labels()` takes a lock and builds a key per call.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached."""
+        c = self._children.get((metric, labels))
+        if c is None:
+            c = self._children[(metric, labels)] = metric.labels(*labels)
+        return c
+
     def record(self, model: str, route: str, status: str, seconds: float, usage: dict | None,
                cost: float | None) -> None:
-        self.requests.labels(model, route, status).inc()
-        self.latency.labels(model, route).observe(seconds)
+        self.child(self.requests, model, route, status).inc()
+        self.child(self.latency, model, route).observe(seconds)
         if usage:
-            self.tokens.labels(model, route, "prompt").inc(usage.get("prompt_tokens") or 0)
-            self.tokens.labels(model, route, "completion").inc(usage.get("completion_tokens") or 0)
+            self.child(self.tokens, model, route, "prompt").inc(usage.get("prompt_tokens") or 0)
+            self.child(self.tokens, model, route, "completion").inc(usage.get("completion_tokens") or 0)
         if cost:
-            self.cost.labels(model, route).inc(cost)
+            self.child(self.cost, model, route).inc(cost)
