@@ -25,14 +25,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from concilium.gateway.chat import _until_disconnect, no_candidates, plan_request, read_json, request_id
-from concilium.gateway.errors import APIError, sse_error
+from concilium.gateway.errors import APIError, error_response, sse_error
 from concilium.gateway.state import Snapshot, plan_headers
 from concilium.policy.jobs import jobs_config, parse_jobs
 from concilium.router.plan import RoutePlan
 from concilium.specialists.base import chunk, completion, sse_event
 from concilium.workers.responses import InputError, response_object, template, to_chat_body
 from concilium.workers.service import JobService, PublishError
-from concilium.workers.store import TERMINAL, CapExceeded, IdempotencyConflict
+from concilium.workers.store import TERMINAL, CapExceeded, IdempotencyConflict, StoreUnavailable
 
 router = APIRouter()
 _DONE = b"data: [DONE]\n\n"
@@ -94,6 +94,11 @@ async def _submit(request: Request, kind: str, chat_body: dict[str, Any], tmpl: 
 # --------------------------------------------------------------------------- Responses API
 
 
+def _unavailable(e: StoreUnavailable) -> APIError:
+    return APIError(503, f"the job queue is unavailable: {e}", code="queue_unavailable",
+                    headers={"retry-after": "2"})
+
+
 def _sse_responses(service: JobService, job_id: str, after: int,
                    on_abort: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
     async def gen() -> AsyncIterator[bytes]:
@@ -105,6 +110,10 @@ def _sse_responses(service: JobService, job_id: str, after: int,
                     continue
                 yield b"event: " + e.type.encode() + b"\ndata: " + e.data + b"\n\n"
             finished = True
+        except StoreUnavailable as e:  # resume later with starting_after = the last sequence number seen
+            err = {"type": "error", "code": "queue_unavailable", "message": f"the job queue is unavailable: {e}",
+                   "param": None}
+            yield b"event: error\ndata: " + orjson.dumps(err) + b"\n\n"
         finally:
             if not finished and on_abort is not None:
                 on_abort()
@@ -275,6 +284,14 @@ class ChatDiversion:
         return await chat._complete(request, body, plan, snap, t0)
 
     async def _chunks(self, job_id: str, model: str, want_usage: bool) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self._chunks_of(job_id, model, want_usage):
+                yield piece
+        except StoreUnavailable as e:
+            yield sse_error(f"the job queue is unavailable: {e}; the job goes on: GET /v1/responses/{job_id}",
+                            code="queue_unavailable")
+
+    async def _chunks_of(self, job_id: str, model: str, want_usage: bool) -> AsyncIterator[bytes]:
         cid, created = "chatcmpl-" + job_id.removeprefix("resp_"), int(time.time())
         yield sse_event(chunk(cid, model, created, {"role": "assistant", "content": ""}))
         async for e in self.service.events(job_id):
@@ -309,6 +326,11 @@ def setup(app: FastAPI) -> None:
     service = JobService.for_gateway(app.state.settings.redis_url, cfg)
     app.state.job_service = service
     app.state.jobs = ChatDiversion(service)
+
+    async def store_down(_: Request, exc: StoreUnavailable) -> Response:
+        return error_response(_unavailable(exc))
+
+    app.add_exception_handler(StoreUnavailable, store_down)
     registry = app.state.metrics.registry
     app.state.jobs_submitted = Counter("concilium_jobs_submitted", "Background jobs submitted",
                                        ["kind", "route"], registry=registry)

@@ -18,11 +18,12 @@ import os
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import Reject, TimeLimitExceeded
 from kombu import Queue
 
 from concilium.workers import runtime
 from concilium.workers.config import JobsEnv
+from concilium.workers.store import StoreUnavailable
 
 TASK_NAME = "concilium.jobs.run"
 log = logging.getLogger("concilium.workers")
@@ -86,7 +87,13 @@ class JobTask(Task):
 
 def run_job(self: Task, job_id: str) -> None:
     worker = f"{self.request.hostname or 'worker'}/{os.getpid()}"
-    result = runtime.current().execute(job_id, worker)
+    try:
+        result = runtime.current().execute(job_id, worker)
+    except StoreUnavailable as e:
+        # Leave the job to a later delivery: the message goes back to its queue (or, with the broker
+        # down too, returns after the visibility timeout), and the next run takes over from the events.
+        log.error("job %s: %s; handing it back to the queue", job_id, e)
+        raise Reject(str(e), requeue=True) from None
     if result.state == "retry":
         raise self.retry(countdown=result.retry_in)
 

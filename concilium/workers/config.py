@@ -29,8 +29,10 @@ class JobsEnv(BaseSettings):
     # limit. The job's own cooperative deadline comes this much later, as the fallback for pools that
     # cannot kill (threads: the embedded mode) and for jobs re-delivered after a worker died.
     kill_grace_s: float = Field(2.0, ge=0)
-    # How long store operations keep retrying while Redis is unreachable (e.g. restarting).
+    # How long a worker's store operations keep retrying while Redis is unreachable (e.g. restarting).
     redis_retry_s: float = Field(30.0, ge=0)
+    # How long a gateway request waits for an unreachable Redis before it answers 503.
+    request_redis_retry_s: float = Field(2.0, ge=0)
 
 
 def jobs_env() -> JobsEnv:

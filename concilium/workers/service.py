@@ -58,7 +58,7 @@ class JobService:
         if redis_url:
             from concilium.workers.store_redis import RedisJobStore
 
-            store: JobStore = RedisJobStore(redis_url, env.key_prefix, env.redis_retry_s)
+            store: JobStore = RedisJobStore(redis_url, env.key_prefix, env.request_redis_retry_s)
         else:
             store = MemoryJobStore()
         return cls(store, env, redis_url, cfg.queues)

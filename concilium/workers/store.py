@@ -29,6 +29,10 @@ import orjson
 TERMINAL = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
 
+class StoreUnavailable(Exception):
+    """The store (Redis) could not be reached within its retry window."""
+
+
 class CapExceeded(Exception):
     def __init__(self, active: int, cap: int) -> None:
         super().__init__(f"{active} jobs are already queued or running for this key (cap {cap})")

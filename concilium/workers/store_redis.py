@@ -15,6 +15,7 @@ A store operation that finds Redis unreachable retries (with backoff) for CONCIL
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from typing import Any
@@ -35,6 +36,7 @@ from concilium.workers.store import (
     IdempotencyConflict,
     JobStore,
     NewEvent,
+    StoreUnavailable,
 )
 
 # Appends events from ARGV[first], ARGV[first+1], ... (type, JSON) to stream KEYS[2]; returns last seq.
@@ -141,12 +143,32 @@ return 1
 DOWN = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
 
 
+def _retries(retry_s: float, backoff: ExponentialBackoff) -> int:
+    """How many retries add up to about `retry_s` seconds of backoff."""
+    n, waited = 0, 0.0
+    while waited < retry_s:
+        n += 1
+        waited += backoff.compute(n)
+    return n
+
+
 def connect(url: str, retry_s: float = 30.0) -> Redis:
     """A client that rides out a Redis restart: failed commands retry with backoff for ~retry_s."""
-    retries = max(0, int(retry_s / 0.5)) if retry_s > 0 else 0
+    backoff = ExponentialBackoff(cap=0.5, base=0.05)
     return Redis.from_url(url, socket_connect_timeout=2.0, health_check_interval=10,
-                          retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
-                          retry_on_error=list(DOWN))
+                          retry=Retry(backoff, _retries(retry_s, backoff)), retry_on_error=list(DOWN))
+
+
+def _guarded(method):
+    """Redis unreachable (after the client's retries) -> StoreUnavailable, with what went wrong."""
+    @functools.wraps(method)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await method(*args, **kwargs)
+        except (*DOWN, OSError) as e:
+            raise StoreUnavailable(f"Redis is unreachable ({type(e).__name__}: {e})") from None
+
+    return wrapper
 
 
 def _pairs(events: list[NewEvent]) -> list[Any]:
@@ -171,6 +193,7 @@ class RedisJobStore(JobStore):
     async def close(self) -> None:
         await self.redis.aclose()
 
+    @_guarded
     async def create(self, job_id, spec, events, *, owner, cap, idem, fingerprint, ttl_s, active_until):
         idem_key = f"{self.p}idem:{owner}:{hashlib.sha256(idem.encode()).hexdigest()[:32]}" if idem else f"{self.p}idem:-"
         k = self._k(job_id)
@@ -188,6 +211,7 @@ class RedisJobStore(JobStore):
             raise CapExceeded(int(res[1]), cap)
         return job_id, True
 
+    @_guarded
     async def get(self, job_id):
         h = await self.redis.hgetall(self._k(job_id))
         if not h:
@@ -200,6 +224,7 @@ class RedisJobStore(JobStore):
                 "seq": int(g.get("seq", -1)), "owner": g.get("owner", b"").decode(),
                 "model": g.get("model", b"").decode()}
 
+    @_guarded
     async def claim(self, job_id, token, worker, lease_s, max_attempts):
         k = self._k(job_id)
         res = await self._claim(keys=[k, k + ":lease"],
@@ -213,15 +238,18 @@ class RedisJobStore(JobStore):
             return Claim(state, attempts=int(res[1]), started_at=float(res[2]))
         return Claim(state)
 
+    @_guarded
     async def renew(self, job_id, token, lease_s):
         k = self._k(job_id)
         return bool(await self._renew(keys=[k, k + ":lease"], args=[token, int(lease_s * 1000)]))
 
+    @_guarded
     async def append(self, job_id, token, events, model=None):
         k = self._k(job_id)
         seq = int(await self._append(keys=[k, k + ":ev"], args=[token, model or "", *_pairs(events)]))
         return seq if seq > -10 else None
 
+    @_guarded
     async def finish(self, job_id, *, token, status, result, events, bill, ttl_s, only_if=None):
         assert status in TERMINAL, status
         k = self._k(job_id)
@@ -234,6 +262,7 @@ class RedisJobStore(JobStore):
                   orjson.dumps(bill) if bill is not None else "", only_if or "", *_pairs(events)])
         return int(res) == 1
 
+    @_guarded
     async def read(self, job_id, after=-1, block_s=0.0, count=1000):
         key = self._k(job_id) + ":ev"
         block = int(block_s * 1000) if block_s > 0 else None
@@ -246,18 +275,22 @@ class RedisJobStore(JobStore):
             out.append(Event(seq, fields[b"t"].decode(), fields[b"d"]))
         return out
 
+    @_guarded
     async def request_cancel(self, job_id):
         k = self._k(job_id)
         return bool(await self._cancel(keys=[k, k + ":cancel"], args=[]))
 
+    @_guarded
     async def cancel_requested(self, job_id):
         return await self.redis.hget(self._k(job_id), "cancel") == b"1"
 
+    @_guarded
     async def wait_cancel(self, job_id, timeout):
         if timeout <= 0:
             return await self.cancel_requested(job_id)
         return await self.redis.blpop([self._k(job_id) + ":cancel"], timeout=timeout) is not None
 
+    @_guarded
     async def bills(self, job_id=None):
         out = []
         for _, fields in await self.redis.xrange(f"{self.p}bills"):

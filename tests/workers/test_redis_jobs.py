@@ -41,8 +41,16 @@ def _gone(pid: int) -> bool:
 
 
 def finished(client, job_id: str, timeout: float = 30.0):
-    return wait_for(lambda: (r := client.responses.retrieve(job_id)).status in TERMINAL and r, timeout,
-                    f"job {job_id} to end")
+    """Poll until the job ends (a 503 while Redis restarts is retried, like a client would)."""
+    def check():
+        try:
+            r = client.responses.retrieve(job_id)
+        except openai.InternalServerError as e:
+            assert e.status_code == 503 and e.code == "queue_unavailable", e
+            return None
+        return r.status in TERMINAL and r
+
+    return wait_for(check, timeout, f"job {job_id} to end")
 
 
 def test_submit_then_poll_answers_once_and_bills_once(jobs, upstream):

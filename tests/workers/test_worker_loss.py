@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
+import openai
 import pytest
 
 from tests.workers.support import RedisServer, Stack, jobs_policy, wait_for
@@ -76,6 +77,9 @@ def test_redis_restarted_during_a_job(fake_upstream, upstream, tmp_path):
     try:
         c, r = _start_slow_job(stack)
         srv.kill()  # kill -9: every acknowledged write is on disk (appendfsync always)
+        with pytest.raises(openai.InternalServerError) as refused:  # no job is accepted it cannot keep
+            c.responses.create(model="concilium/auto", input="during the outage", background=True)
+        assert refused.value.status_code == 503 and refused.value.code == "queue_unavailable"
         srv.launch()
         _exactly_one_answer(stack, c, r.id)
         assert "Connection to broker lost" in stack.workers[0].log.read_text()  # the outage was seen
