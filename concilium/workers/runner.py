@@ -123,8 +123,8 @@ class JobRunner:
         claim = await store.claim(job_id, token, worker, env.lease_s, spec["max_attempts"])
         if claim.state in ("missing", "terminal"):
             return RunResult("done")
-        if claim.state == "busy":  # a live worker runs it (a re-delivered message): look again later
-            return RunResult("retry", retry_in=max(claim.retry_in, 0.5) + 0.5)
+        if claim.state == "busy":  # a live worker runs it (a re-delivered message): look again one
+            return RunResult("retry", retry_in=claim.retry_in + env.lease_s)  # lease after this one lapses
         snap = await self.snapshot()
         if claim.state == "exhausted":
             await end_from_events(store, job_id, "failed", cost=snap.cost_usd, error={
