@@ -24,7 +24,7 @@ from prometheus_client import Counter
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from concilium.gateway.chat import _until_disconnect, no_candidates, plan_request, read_json, request_id
+from concilium.gateway.chat import no_candidates, plan_request, read_json, request_id
 from concilium.gateway.errors import APIError, error_response, sse_error
 from concilium.gateway.state import Snapshot, plan_headers
 from concilium.policy.jobs import jobs_config, parse_jobs
@@ -166,11 +166,16 @@ def _cancel_soon(service: JobService, job_id: str, snap: Snapshot) -> None:
     asyncio.ensure_future(service.cancel(job_id, snap))
 
 
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _wait_or_disconnect(request: Request, service: JobService, job_id: str,
                               timeout: float | None) -> dict[str, Any] | None:
     """The job's record once it ended or after `timeout`; None if the client went away first."""
     waiter = asyncio.ensure_future(service.wait(job_id, timeout if timeout is not None else 10 * 86400))
-    watcher = asyncio.ensure_future(_until_disconnect(request))
+    watcher = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait((waiter, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:

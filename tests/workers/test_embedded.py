@@ -88,3 +88,12 @@ def test_default_policy_serves_background_requests_with_the_local_model(local_ga
     final = finished(c, r.id, timeout=120)
     assert final.status in ("completed", "incomplete") and final.output_text.strip()
     assert final.model == "smollm2" and final.usage.output_tokens <= 8
+
+
+def test_chat_with_tools_is_answered_interactively(gw, upstream):
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    raw = gw.client().chat.completions.with_raw_response.create(
+        model="concilium/auto", messages=[{"role": "user", "content": "use a tool"}], tools=tools,
+        extra_body={"background": True})
+    assert raw.status_code == 200 and "x-concilium-job-id" not in raw.headers
+    assert raw.parse().choices[0].message.content == echo("use a tool")
