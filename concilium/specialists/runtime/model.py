@@ -74,20 +74,23 @@ def kernels_available() -> bool:
 
 
 def _kernel_ops() -> Ops:
-    k = importlib.import_module("concilium.kernels")
+    kern = importlib.import_module("concilium.kernels")
 
     def decode_attention(q, k_cache, v_cache, slots, seq_lens, scale, *, max_len=None, **_hints):  # type: ignore[no-untyped-def]
         # `max_len` (a host-side bound on seq_lens) shrinks the kernel's grid; None inside CUDA graphs.
-        return k.decode_attention(q, k_cache, v_cache, slots, seq_lens, scale, max_seq_len=max_len)
+        return kern.decode_attention(q, k_cache, v_cache, slots, seq_lens, scale, max_seq_len=max_len)
+
+    def rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, slots, *, gathered=None):  # type: ignore[no-untyped-def]
+        return kern.rope_kv_write(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
 
     return Ops(
         name="kernels",
-        rmsnorm=k.rmsnorm,
-        add_rmsnorm=k.add_rmsnorm,
-        rope_kv_write=k.rope_kv_write,
+        rmsnorm=kern.rmsnorm,
+        add_rmsnorm=kern.add_rmsnorm,
+        rope_kv_write=rope_kv_write,
         decode_attention=decode_attention,
-        router_topk=k.router_topk,
-        fused_moe=k.fused_moe,
+        router_topk=kern.router_topk,
+        fused_moe=kern.fused_moe,
     )
 
 
@@ -277,7 +280,9 @@ class Model:
 
     # -- pieces -----------------------------------------------------------------------------
 
-    def _attention(self, i: int, h: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+    def _attention(
+        self, i: int, h: torch.Tensor, batch: ForwardBatch, cache: KVCache, rope: tuple | None
+    ) -> torch.Tensor:
         cfg, ops, a = self.cfg, self.ops, self.w.layers[i].attn
         n = h.shape[0]
         qkv = linear(h, a.qkv, a.qkv_bias)
@@ -290,7 +295,7 @@ class Model:
             k = ops.rmsnorm(k, a.k_norm, cfg.rms_norm_eps)
         k_cache, v_cache = cache.layer(i)
         q, k = ops.rope_kv_write(
-            q, k, v, self.cos, self.sin, batch.positions, k_cache, v_cache, batch.token_slots
+            q, k, v, self.cos, self.sin, batch.positions, k_cache, v_cache, batch.token_slots, gathered=rope
         )
         if batch.kind == "decode":
             out = ops.decode_attention(
@@ -337,6 +342,12 @@ class Model:
         """Final-norm hidden states of the rows in `batch.logits_index` (all rows when None)."""
         ops, eps = self.ops, self.cfg.rms_norm_eps
         x = F.embedding(batch.input_ids, self.w.embed)
+        # The torch path gathers the RoPE factors of these positions once, not in every layer.
+        rope = (
+            torch_ops.rope_tables_at(self.cos, self.sin, batch.positions, self.dtype)
+            if ops is TORCH_OPS
+            else None
+        )
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.w.layers):
             if residual is None:
@@ -344,7 +355,7 @@ class Model:
                 h = ops.rmsnorm(x, layer.input_norm, eps)
             else:
                 h, residual = ops.add_rmsnorm(x, residual, layer.input_norm, eps)
-            x = self._attention(i, h, batch, cache)
+            x = self._attention(i, h, batch, cache, rope)
             h, residual = ops.add_rmsnorm(x, residual, layer.post_norm, eps)
             x = self._mlp(i, h)
         assert residual is not None

@@ -144,9 +144,9 @@ class Int4Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xb = x.to(torch.bfloat16)
-        y = None
-        for packed, sz in self._planes:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, GROUP, sz)
-            y = out.float() if y is None else y + out.float()
-        assert y is not None
-        return y.to(x.dtype)
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        packed, sz = self._planes[0]
+        y = mm(xb, packed, GROUP, sz).to(x.dtype)
+        for packed, sz in self._planes[1:]:  # the high plane of 8-bit blocks
+            y += mm(xb, packed, GROUP, sz)
+        return y

@@ -22,10 +22,19 @@ def add_rmsnorm(
     return rmsnorm(new_residual, weight, eps), new_residual
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def rope_tables_at(
+    cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple:
+    """Per-token factors for `rope_kv_write(..., gathered=)`: [T, 1, 2, D/2] cos and signed sin."""
+    c, s = cos[positions].to(dtype), sin[positions].to(dtype)
+    return torch.stack((c, c), 1)[:, None], torch.stack((-s, s), 1)[:, None]
+
+
+def _rotate(x: torch.Tensor, c2: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s], halves viewed as a size-2 axis."""
+    t, h, d = x.shape
+    x2 = x.reshape(t, h, 2, d // 2)
+    return (x2 * c2 + x2.flip(2) * s2).view(t, h, d)
 
 
 def rope_kv_write(
@@ -38,12 +47,14 @@ def rope_kv_write(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
+    *,
+    gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [T,Hq,D] and k [T,Hk,D]; write rotated k and v at k_cache[slots[t], :, positions[t]]."""
-    c = cos[positions][:, None, :].to(q.dtype)  # [T, 1, D/2]
-    s = sin[positions][:, None, :].to(q.dtype)
-    q_rot = _rotate(q, c, s)
-    k_rot = _rotate(k, c, s)
+    """Rotate q [T,Hq,D] and k [T,Hk,D]; write rotated k and v at k_cache[slots[t], :, positions[t]].
+    `gathered`: `rope_tables_at(cos, sin, positions)`, computed once per forward instead of per layer."""
+    c2, s2 = gathered if gathered is not None else rope_tables_at(cos, sin, positions, q.dtype)
+    q_rot = _rotate(q, c2, s2)
+    k_rot = _rotate(k, c2, s2)
     k_cache[slots, :, positions] = k_rot
     v_cache[slots, :, positions] = v
     return q_rot, k_rot
