@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -35,6 +36,7 @@ from concilium.workers.service import JobService, PublishError
 from concilium.workers.store import TERMINAL, CapExceeded, IdempotencyConflict, StoreUnavailable
 
 router = APIRouter()
+log = logging.getLogger("concilium.gateway")
 _DONE = b"data: [DONE]\n\n"
 _KEEPALIVE = b": keepalive\n\n"
 
@@ -162,8 +164,20 @@ async def create_response(request: Request) -> Response:
     return _json(response_object(job_id, rec), headers=headers)
 
 
+_background_cancels: set[asyncio.Task] = set()
+
+
 def _cancel_soon(service: JobService, job_id: str, snap: Snapshot) -> None:
-    asyncio.ensure_future(service.cancel(job_id, snap))
+    """Cancel a foreground job whose client went away (from a stream that is being torn down)."""
+    async def cancel() -> None:
+        try:
+            await service.cancel(job_id, snap)
+        except Exception as e:
+            log.warning("job %s: cancel after the client left failed: %s", job_id, e)
+
+    task = asyncio.ensure_future(cancel())
+    _background_cancels.add(task)
+    task.add_done_callback(_background_cancels.discard)
 
 
 async def _disconnected(request: Request) -> None:

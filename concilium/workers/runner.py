@@ -119,13 +119,13 @@ class JobRunner:
         if record is None:
             return RunResult("done")  # expired, or never stored
         spec = record["spec"]
+        snap = await self.snapshot()  # before the lease starts: a policy change may load models
         token = uuid.uuid4().hex
         claim = await store.claim(job_id, token, worker, env.lease_s, spec["max_attempts"])
         if claim.state in ("missing", "terminal"):
             return RunResult("done")
         if claim.state == "busy":  # a live worker runs it (a re-delivered message): look again one
             return RunResult("retry", retry_in=claim.retry_in + env.lease_s)  # lease after this one lapses
-        snap = await self.snapshot()
         if claim.state == "exhausted":
             await end_from_events(store, job_id, "failed", cost=snap.cost_usd, error={
                 "code": "worker_lost", "message": f"the job was started {claim.attempts - 1} times and its "

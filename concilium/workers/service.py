@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from concilium.gateway.state import GatewayState, Snapshot
 from concilium.policy.jobs import JobsConfig, jobs_config
@@ -22,6 +22,9 @@ from concilium.workers.config import JobsEnv
 from concilium.workers.responses import TERMINAL_EVENT_TYPES, ev, new_job_id, response_object
 from concilium.workers.runner import JobRunner, end_from_events
 from concilium.workers.store import TERMINAL, Event, JobStore, MemoryJobStore
+
+if TYPE_CHECKING:
+    from concilium.workers.embedded import EmbeddedWorker
 
 log = logging.getLogger("concilium.workers")
 
@@ -46,11 +49,7 @@ class JobService:
         self.redis_url = redis_url
         self.queues = list(queues)
         self.app = make_celery(redis_url, self.queues, env)
-        self.embedded = None
-
-    @property
-    def mode(self) -> str:
-        return "redis" if self.redis_url else "embedded"
+        self.embedded: EmbeddedWorker | None = None  # the embedded mode's worker threads, once started
 
     @classmethod
     def for_gateway(cls, redis_url: str | None, cfg: JobsConfig, env: JobsEnv | None = None) -> JobService:

@@ -97,3 +97,20 @@ def test_chat_with_tools_is_answered_interactively(gw, upstream):
         extra_body={"background": True})
     assert raw.status_code == 200 and "x-concilium-job-id" not in raw.headers
     assert raw.parse().choices[0].message.content == echo("use a tool")
+
+
+def test_a_foreground_response_is_cancelled_when_its_client_leaves(gw, upstream):
+    upstream.default("slow-up", {"chunk_delay_s": 0.3})
+    c = gw.client()
+    raw = c.responses.with_raw_response.create(model="concilium/auto", input=TEXT, stream=True,
+                                               metadata={"kind": "long"})
+    job_id = raw.headers["x-concilium-job-id"]
+    stream = raw.parse()
+    for e in stream:
+        if e.type == "response.output_text.delta":
+            break
+    stream.close()
+    assert finished(c, job_id).status == "cancelled"
+    with pytest.raises(openai.APITimeoutError):
+        c.with_options(timeout=1.0).responses.create(model="concilium/auto", input=TEXT, metadata={"kind": "long"})
+    wait_for(lambda: upstream.stats()["disconnected"] >= 2, 10, "both upstream calls to be dropped")
