@@ -7,9 +7,11 @@ import openai
 import pytest
 
 from concilium.testing.fake_upstream import _split
+from tests.support import start_gateway
 from tests.workers.support import Stack, jobs_policy, wait_for
 
 TERMINAL = ("completed", "incomplete", "failed", "cancelled")
+TEXT = "a b c d e f g h i j k l m"
 
 
 def echo(text: str, pieces: int = 13) -> str:
@@ -258,3 +260,33 @@ def test_non_streaming_chat_waits_then_gets_the_jobs_location(jobs, upstream):
     body = slow.http_response.json()
     assert body["object"] == "response" and body["id"] == job_id and body["status"] in ("queued", "in_progress")
     assert finished(c, job_id).output_text == echo("a b c d e f g h i j k l m")
+
+
+def test_any_gateway_replica_serves_resumes_and_cancels(jobs, upstream, tmp_path):
+    upstream.default("slow-up", {"chunk_delay_s": 0.2})
+    replica = start_gateway(jobs.policy.read_text(), tmp_path / "replica.yaml", env=jobs.env)
+    try:
+        a, b = jobs.gateway.client(), replica.client()
+        stream = a.responses.create(model="concilium/auto", input=TEXT, background=True, stream=True,
+                                    metadata={"kind": "long"})
+        seen = []
+        for e in stream:
+            seen.append(e)
+            if e.type == "response.output_text.delta":
+                break
+        stream.close()
+        job_id = seen[0].response.id
+        resumed = b.responses.retrieve(job_id, stream=True, starting_after=seen[-1].sequence_number)
+        more = []
+        for e in resumed:
+            more.append(e)
+            if e.type == "response.output_text.delta":
+                break
+        resumed.close()
+        assert more[0].sequence_number == seen[-1].sequence_number + 1
+        cancelled = b.responses.cancel(job_id)
+        assert cancelled.status == "cancelled"
+        assert a.responses.retrieve(job_id).output_text == cancelled.output_text
+        assert cancelled.output_text.startswith(seen[-1].delta + more[-1].delta)
+    finally:
+        replica.stop()
