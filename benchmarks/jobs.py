@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,45 +133,47 @@ async def interactive_ttft(session: Any, base: str, n: int) -> list[float]:
     return out
 
 
-async def job_throughput(session: Any, base: str, n: int, in_flight: int = 16) -> float:
-    body = json.dumps({"model": "concilium/auto", "input": PROMPT, "background": True})
+async def per_second(n: int, in_flight: int, one: Callable[[], Awaitable[None]]) -> float:
+    """Run `one()` n times with `in_flight` at a time; completions per second."""
     left = n
 
-    async def one() -> None:
+    async def lane() -> None:
         nonlocal left
         while left > 0:
             left -= 1
-            async with session.post(base + "/v1/responses", data=body, headers=HEADERS) as resp:
-                assert resp.status == 200, await resp.text()
-                job_id = (await resp.json())["id"]
-            async with session.get(f"{base}/v1/responses/{job_id}?stream=true&starting_after=1",
-                                   headers=HEADERS) as resp:
-                async for etype, _ in sse(resp):
-                    if etype == "response.completed":
-                        break
-                else:
-                    raise RuntimeError(f"job {job_id} did not complete")
+            await one()
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(in_flight)))
+    await asyncio.gather(*(lane() for _ in range(in_flight)))
     return n / (time.perf_counter() - t0)
+
+
+async def job_throughput(session: Any, base: str, n: int, in_flight: int = 16) -> float:
+    body = json.dumps({"model": "concilium/auto", "input": PROMPT, "background": True})
+
+    async def one() -> None:
+        async with session.post(base + "/v1/responses", data=body, headers=HEADERS) as resp:
+            assert resp.status == 200, await resp.text()
+            job_id = (await resp.json())["id"]
+        async with session.get(f"{base}/v1/responses/{job_id}?stream=true&starting_after=1",
+                               headers=HEADERS) as resp:
+            async for etype, _ in sse(resp):
+                if etype == "response.completed":
+                    return
+        raise RuntimeError(f"job {job_id} did not complete")
+
+    return await per_second(n, in_flight, one)
 
 
 async def interactive_throughput(session: Any, base: str, n: int, in_flight: int = 16) -> float:
     body = json.dumps({"model": "concilium/auto", "messages": [{"role": "user", "content": PROMPT}], "stream": True})
-    left = n
 
     async def one() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            async with session.post(base + "/v1/chat/completions", data=body, headers=HEADERS) as resp:
-                raw = await resp.read()
-                assert raw.rstrip().endswith(b"[DONE]"), raw[-200:]
+        async with session.post(base + "/v1/chat/completions", data=body, headers=HEADERS) as resp:
+            raw = await resp.read()
+            assert raw.rstrip().endswith(b"[DONE]"), raw[-200:]
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(in_flight)))
-    return n / (time.perf_counter() - t0)
+    return await per_second(n, in_flight, one)
 
 
 async def cancels(session: Any, base: str, n: int) -> dict[str, list[float]]:

@@ -200,12 +200,18 @@ async def _wait_or_disconnect(request: Request, service: JobService, job_id: str
     return waiter.result()
 
 
+async def _owned(request: Request, job_id: str) -> tuple[JobService, dict[str, Any]]:
+    """The caller's job (another key's job is as unknown as a missing one)."""
+    service = _service(request)
+    rec = await service.get(job_id, owner_of(request))
+    if rec is None:
+        raise _not_found(job_id)
+    return service, rec
+
+
 @router.get("/v1/responses/{response_id}", summary="Retrieve a response; stream its events with ?stream=true")
 async def retrieve_response(request: Request, response_id: str) -> Response:
-    service = _service(request)
-    rec = await service.get(response_id, owner_of(request))
-    if rec is None:
-        raise _not_found(response_id)
+    service, rec = await _owned(request, response_id)
     q = request.query_params
     stream = q.get("stream", "false").lower()
     if stream not in ("true", "false", "1", "0"):
@@ -228,10 +234,7 @@ async def retrieve_response(request: Request, response_id: str) -> Response:
 
 @router.post("/v1/responses/{response_id}/cancel", summary="Cancel a queued or running response")
 async def cancel_response(request: Request, response_id: str) -> Response:
-    service = _service(request)
-    rec = await service.get(response_id, owner_of(request))
-    if rec is None:
-        raise _not_found(response_id)
+    service, rec = await _owned(request, response_id)
     if rec["status"] in TERMINAL and rec["status"] != "cancelled":
         raise APIError(409, f"Cannot cancel a response with status '{rec['status']}'", code="not_cancellable")
     rec = await service.cancel(response_id, request.app.state.gateway.current)

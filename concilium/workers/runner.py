@@ -214,11 +214,8 @@ class JobRunner:
             return
         stopped = asyncio.ensure_future(stop.wait())
         try:
-            opening = asyncio.ensure_future(call.stream(plan, spec["body"], snap.ctx))
-            await asyncio.wait({opening, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not opening.done():
-                opening.cancel()
-                await asyncio.gather(opening, return_exceptions=True)
+            opening = await _unless_stopped(call.stream(plan, spec["body"], snap.ctx), stopped)
+            if opening is None:
                 return
             try:
                 handle = opening.result()
@@ -232,11 +229,8 @@ class JobRunner:
                     if not await self._feed(job_id, token, raw, out, prog):
                         return
                 while True:
-                    nxt = asyncio.ensure_future(it.__anext__())
-                    await asyncio.wait({nxt, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                    if not nxt.done():
-                        nxt.cancel()
-                        await asyncio.gather(nxt, return_exceptions=True)
+                    nxt = await _unless_stopped(it.__anext__(), stopped)
+                    if nxt is None:
                         return
                     try:
                         raw = nxt.result()
@@ -280,6 +274,17 @@ class JobRunner:
         prog.model_noted = True
         prog.text += new
         return True
+
+
+async def _unless_stopped(aw: Awaitable[Any], stopped: asyncio.Future[Any]) -> asyncio.Future[Any] | None:
+    """Await `aw` unless the run stops first (then `aw` is cancelled): its finished future, or None."""
+    fut = asyncio.ensure_future(aw)
+    await asyncio.wait({fut, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if fut.done():
+        return fut
+    fut.cancel()
+    await asyncio.gather(fut, return_exceptions=True)
+    return None
 
 
 def _trigger(prog: _Progress, stop: asyncio.Event, reason: str) -> None:
