@@ -1,0 +1,70 @@
+"""Turn predicted quality and prices into the order in which to try models.
+
+- max_quality: the highest predicted quality whose estimated cost is within `max_cost_usd`;
+  models over the cap follow, cheapest first.
+- min_cost: the cheapest model whose predicted quality is >= `quality_ratio` x the best
+  candidate's; models below that bar follow, best first.
+- tradeoff: the highest utility = quality - `lambda_per_usd` x cost (willingness to pay per
+  quality point).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from concilium.policy.schema import ModelSpec, Objective
+
+CHARS_PER_TOKEN = 4.0
+TOKENS_PER_MESSAGE = 4  # role and separators
+
+
+def input_tokens(prompt_chars: int, n_messages: int) -> float:
+    return prompt_chars / CHARS_PER_TOKEN + TOKENS_PER_MESSAGE * max(n_messages, 1)
+
+
+def requested_output_tokens(body: dict[str, Any]) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens"):
+        v = body.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def est_cost(spec: ModelSpec, n_in: float, n_out: float) -> float:
+    if spec.max_output_tokens:
+        n_out = min(n_out, spec.max_output_tokens)
+    return (n_in * spec.price.input + n_out * spec.price.output) / 1e6
+
+
+Ranked = list[tuple[str, float, float, str]]
+
+
+def apply_objective(
+    items: list[tuple[str, float, float]], obj: Objective
+) -> tuple[Ranked, float | None, str]:
+    """items: (model, predicted quality, est cost). Returns (ranked with reasons, threshold, description)."""
+    if not items:
+        return [], None, obj.kind
+    if obj.kind == "max_quality":
+        cap = obj.max_cost_usd
+        within = [it for it in items if cap is None or it[2] <= cap]
+        over = [it for it in items if cap is not None and it[2] > cap]
+        within.sort(key=lambda it: (-it[1], it[2]))
+        over.sort(key=lambda it: (it[2], -it[1]))
+        ranked = [(m, q, c, f"highest predicted quality {q:.2f} within cap") for m, q, c in within]
+        ranked += [(m, q, c, f"over the cost cap (${c:.6f})") for m, q, c in over]
+        desc = "max_quality" + (f": best predicted quality with est. cost <= ${cap:g}" if cap is not None else "")
+        return ranked, cap, desc
+    if obj.kind == "min_cost":
+        best = max(q for _, q, _ in items)
+        bar = obj.quality_ratio * best
+        ok = sorted((it for it in items if it[1] >= bar - 1e-12), key=lambda it: (it[2], -it[1]))
+        low = sorted((it for it in items if it[1] < bar - 1e-12), key=lambda it: (-it[1], it[2]))
+        ranked = [(m, q, c, f"cheapest with quality {q:.2f} >= {bar:.2f}") for m, q, c in ok]
+        ranked += [(m, q, c, f"quality {q:.2f} below {bar:.2f}") for m, q, c in low]
+        desc = f"min_cost: cheapest with predicted quality >= {obj.quality_ratio:g} x best ({bar:.2f})"
+        return ranked, bar, desc
+    lam = obj.lambda_per_usd
+    scored = sorted(items, key=lambda it: (-(it[1] - lam * it[2]), it[2]))
+    ranked = [(m, q, c, f"utility {q - lam * c:.3f} = quality - {lam:g}/USD x cost") for m, q, c in scored]
+    return ranked, None, f"tradeoff: maximise quality - {lam:g} x cost (USD)"
