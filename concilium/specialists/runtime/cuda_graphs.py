@@ -48,7 +48,8 @@ class DecodeGraphRunner:
     def can_run(self, n: int) -> bool:
         return not self.disabled and n <= self.buckets[-1]
 
-    def _batch(self, bs: int) -> ForwardBatch:
+    def batch(self, bs: int) -> ForwardBatch:
+        """The decode batch over the first `bs` rows of the static buffers."""
         return ForwardBatch(
             kind="decode",
             input_ids=self.input_ids[:bs],
@@ -61,7 +62,7 @@ class DecodeGraphRunner:
         )
 
     def capture(self, bs: int) -> None:
-        batch = self._batch(bs)
+        batch = self.batch(bs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -79,8 +80,9 @@ class DecodeGraphRunner:
             if bs not in self.graphs:
                 self.capture(bs)
 
-    def run(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor | None:
-        """Logits [n, vocab] of one decode step, or None when capture failed (run it eagerly)."""
+    def stage(self, tokens: list[int], slots: list[int], positions: list[int]) -> int:
+        """Copy one decode step's inputs into the static buffers; returns the bucket size. Rows past
+        the real batch decode token 0 at position 0 into the reserved padding slot."""
         n = len(tokens)
         bs = next(b for b in self.buckets if b >= n)
         pad = bs - n
@@ -91,6 +93,11 @@ class DecodeGraphRunner:
         self.positions[:bs].copy_(host[1], non_blocking=True)
         self.slots[:bs].copy_(host[2], non_blocking=True)
         self.seq_lens[:bs].copy_(host[1] + 1, non_blocking=True)
+        return bs
+
+    def run(self, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor | None:
+        """Logits [n, vocab] of one decode step, or None when capture failed (run it eagerly)."""
+        bs = self.stage(tokens, slots, positions)
         if bs not in self.graphs:
             try:
                 self.capture(bs)
@@ -100,4 +107,4 @@ class DecodeGraphRunner:
                 return None
         graph, out = self.graphs[bs]
         graph.replay()
-        return out[:n]
+        return out[: len(tokens)]

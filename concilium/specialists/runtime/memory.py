@@ -116,13 +116,13 @@ def plan_memory(
     elem = torch.empty((), dtype=dtype).element_size()
     weight_bytes = params.total * elem
     if weights == "int4":
-        dense_mlp = (
-            0 if cfg.is_moe and not set(range(cfg.num_layers)) - cfg.moe_layer_set else params.mlp_total
+        dense_mlp = sum(
+            3 * cfg.hidden_size * cfg.intermediate_size
+            for i in range(cfg.num_layers)
+            if not cfg.layer_is_moe(i)
         )
-        projections = (
-            params.attention + (dense_mlp if not cfg.is_moe else 0) + cfg.vocab_size * cfg.hidden_size
-        )
-        weight_bytes = weight_bytes - projections * elem + int(projections * 0.625)
+        projections = params.attention + dense_mlp + cfg.vocab_size * cfg.hidden_size  # + the output head
+        weight_bytes += int(projections * 0.625) - projections * elem
         if cfg.tie_word_embeddings:  # the embedding table stays dense for lookups, the output head is int4
             weight_bytes += cfg.vocab_size * cfg.hidden_size * elem
     # Activations: a prefill chunk's logits row and MLP intermediate, plus the RoPE tables; small next

@@ -72,6 +72,7 @@ def test_int4_weights_keep_the_gguf_blocks_and_answer(smollm2_path):
     model = loaded.model
     assert isinstance(model.w.lm_head, Int4Linear) and isinstance(model.w.layers[0].mlp.w13, Int4Linear)
     assert model.w.nbytes() < 0.5 * 135e6 * 4  # well under the fp32 size
+    assert abs(loaded.plan.weight_bytes - model.w.nbytes()) < 0.15 * model.w.nbytes()  # planned before loading
     engine = Engine(model, loaded.tokenizer, max_batch=2, max_seq_len=128)
     ids = loaded.tokenizer.encode_chat(_messages(PROMPTS[0]))
     res = engine.generate_batch([ids], SamplingParams(max_tokens=MAX_TOKENS, temperature=0))[0]
