@@ -31,7 +31,13 @@ from concilium.gateway.state import Snapshot, plan_headers
 from concilium.policy.jobs import jobs_config, parse_jobs
 from concilium.router.plan import RoutePlan
 from concilium.specialists.base import chunk, completion, sse_event
-from concilium.workers.responses import InputError, response_object, template, to_chat_body
+from concilium.workers.responses import (
+    TERMINAL_EVENT_TYPES,
+    InputError,
+    response_object,
+    template,
+    to_chat_body,
+)
 from concilium.workers.service import JobService, PublishError
 from concilium.workers.store import TERMINAL, CapExceeded, IdempotencyConflict, StoreUnavailable
 
@@ -321,7 +327,7 @@ class ChatDiversion:
                 yield _KEEPALIVE
             elif e.type == "response.output_text.delta":
                 yield sse_event(chunk(cid, model, created, {"content": e.json()["delta"]}))
-            elif e.type.startswith("response.") and e.type.rsplit(".", 1)[1] in TERMINAL:
+            elif e.type in TERMINAL_EVENT_TYPES:
                 resp = e.json()["response"]
                 status = resp["status"]
                 if status in ("failed", "cancelled"):

@@ -9,7 +9,6 @@ event: response.completed | response.incomplete | response.failed | response.can
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -212,6 +211,3 @@ class OutputEvents:
         out.append(ev(TERMINAL_EVENTS[status], response=response))
         return out
 
-
-def now() -> float:
-    return time.time()

@@ -61,17 +61,17 @@ routes:
     targets: [fast]
     rank: false
     queue: low
-  - name: urgent
-    match: {{metadata: {{kind: urgent}}}}
+  - name: bulk
+    match: {{metadata: {{kind: bulk}}}}
     targets: [fast]
     rank: false
-    queue: high
+    queue: bulk
 {extra_routes}
   - name: default
     targets: [fast]
     rank: false
 jobs:
-  queues: [high, default, low]
+  queues: [high, default, low, bulk]
   chat_wait_s: 1.5
   max_active_per_key: 3
 {jobs}

@@ -8,7 +8,7 @@ import pytest
 
 from concilium.testing.fake_upstream import _split
 from tests.support import start_gateway
-from tests.workers.support import Stack, jobs_policy, wait_for
+from tests.workers.support import Stack, WorkerProcess, jobs_policy, wait_for
 
 TERMINAL = ("completed", "incomplete", "failed", "cancelled")
 TEXT = "a b c d e f g h i j k l m"
@@ -214,19 +214,20 @@ def test_hard_timeout_kills_the_process_running_the_job(jobs, upstream):
     assert jobs.record(r.id)["attempts"] == "1" and len(jobs.bills(r.id)) == 1
 
 
-def test_higher_priority_queue_is_served_first(jobs, upstream):
-    upstream.default("slow-up", {"chunk_delay_s": 0.15})
-    c, other = jobs.gateway.client(), jobs.gateway.client(api_key="busy-key")  # 3 jobs a key at most
-    # Occupy both workers; one finishes well before the other.
-    busy = [other.responses.create(model="concilium/auto", input="a b c d e f g h i j k l m", background=True,
-                               metadata={"kind": "long"}, max_output_tokens=n) for n in (13, 4)]
-    wait_for(lambda: all(jobs.record(b.id)["status"] == "in_progress" for b in busy), 30, "both workers busy")
-    normal = c.responses.create(model="concilium/auto", input="normal", background=True)
-    urgent = c.responses.create(model="concilium/auto", input="urgent", background=True, metadata={"kind": "urgent"})
-    for client, job in ((other, busy[0]), (other, busy[1]), (c, normal), (c, urgent)):
-        assert finished(client, job.id).status == "completed"
-    assert jobs.record(urgent.id)["spec"]["queue"] == "high"
-    assert float(jobs.record(urgent.id)["started_at"]) < float(jobs.record(normal.id)["started_at"])
+def test_a_worker_serves_its_higher_priority_queue_first(jobs):
+    c = jobs.gateway.client()
+    # Nothing serves `low` and `bulk` yet: both jobs wait, the lower-priority one queued first.
+    later = c.responses.create(model="concilium/auto", input="bulk work", background=True, metadata={"kind": "bulk"})
+    sooner = c.responses.create(model="concilium/auto", input="low work", background=True,
+                                metadata={"kind": "parked"})
+    assert (jobs.record(later.id)["spec"]["queue"], jobs.record(sooner.id)["spec"]["queue"]) == ("bulk", "low")
+    worker = WorkerProcess.start("prio", jobs.policy, jobs.env, queues="low,bulk")
+    try:
+        for job in (later, sooner):
+            assert finished(c, job.id).status == "completed"
+    finally:
+        worker.stop()
+    assert float(jobs.record(sooner.id)["started_at"]) < float(jobs.record(later.id)["started_at"])
 
 
 def test_streaming_chat_is_fed_from_the_job(jobs, upstream):
