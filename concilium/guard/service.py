@@ -102,7 +102,8 @@ class Ticket:
             mine = m == model
             charges += [scope_charge(s, spent if mine else 0,
                                      (tokens if mine else 0) - self.counted_tokens) for s in scopes]
-        self.guard.settle(self.rid, charges)
+        if charges:  # a key without limits reserved nothing
+            self.guard.settle(self.rid, charges)
 
 
 class Guard:

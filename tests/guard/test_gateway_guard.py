@@ -202,3 +202,23 @@ def test_no_keys_means_no_authentication(fake_upstream, tmp_path):
     finally:
         g.stop()
     assert "tulips" not in g.log.read_text()  # prompts are not logged unless the policy says so
+
+
+def test_a_model_over_its_cap_falls_back_to_the_next_candidate(upstream, tmp_path):
+    k, h = make_key()
+    extra = f"""
+keys:
+  - name: m
+    hash: {h}
+  - model: cheap
+    budget: {{usd_per_day: 0.01}}
+"""
+    g = start_gateway(upstream_policy(upstream.url, extra), tmp_path / "p.yaml")
+    try:
+        answered = [ask(g, k, max_tokens=5).headers["x-concilium-model"] for _ in range(4)]
+        usage = get(g, "/v1/usage", k)[2]
+    finally:
+        g.stop()
+    assert answered == ["cheap", "cheap", "private", "private"]  # $0.005 each: two fit in cheap's $0.01
+    (scope,) = usage["scopes"]
+    assert scope["scope"] == "model" and scope["spent_usd"]["day"] == pytest.approx(0.01)
