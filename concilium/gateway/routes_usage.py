@@ -17,6 +17,7 @@ from concilium.guard.middleware import AuthMiddleware
 from concilium.guard.privacy import rules
 from concilium.guard.service import STATE_KEY, Guard
 from concilium.guard.store import Window
+from concilium.policy.loader import PolicyError
 
 router = APIRouter()
 
@@ -59,7 +60,10 @@ def setup(app: FastAPI) -> None:
     state = app.state.gateway
     rules(state.current.policy, state.policy_path)  # installs log redaction as the policy says
     logs.configure(rules(state.current.policy).config.redact_logs)
-    guard = Guard(state, app.state.settings)
+    try:
+        guard = Guard(state, app.state.settings)
+    except PolicyError as e:  # a broken key file stops the gateway at start, with the file and key path
+        raise SystemExit(str(e)) from None
     app.state.guard = guard
     app.add_middleware(AuthMiddleware, guard=guard)
     inner = app.router.lifespan_context
