@@ -180,6 +180,35 @@ def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def compile_probe(path: Path, steps: int = 20) -> dict[str, float]:
+    """Is torch.compile worth it on CPU? Warm-up time and decode rate of the compiled forward."""
+    from concilium.specialists.runtime.kv_cache import KVCache
+    from concilium.specialists.runtime.model import ForwardBatch
+
+    model = load_model(path, weights="dense", max_seq_len=512, tokenizer=False).model
+    c = model.cfg
+    cache = KVCache(c.num_layers, 1, c.num_kv_heads, 512, c.head_dim, model.dtype, model.device)
+
+    def rate(fwd: Any, start: int) -> float:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            fwd(ForwardBatch.for_decode([5], [0], [start + i], model.device), cache)
+        return steps / (time.perf_counter() - t0)
+
+    with torch.inference_mode():
+        model.forward(ForwardBatch.for_prefill([(list(range(1, 40)), 0)], model.device), cache)
+        eager = rate(model.forward, 39)
+        compiled = torch.compile(model.forward, dynamic=True)
+        t0 = time.perf_counter()
+        compiled(ForwardBatch.for_decode([5], [0], [39 + steps], model.device), cache)
+        warmup = time.perf_counter() - t0
+        fast = rate(compiled, 40 + steps)
+    print(
+        f"torch.compile (CPU, fp32 decode): warm-up {warmup:.0f} s, {fast:.1f} tok/s vs eager {eager:.1f} tok/s"
+    )
+    return {"warmup_s": round(warmup, 1), "compiled_tok_s": round(fast, 2), "eager_tok_s": round(eager, 2)}
+
+
 # --------------------------------------------------------------------------------------------- GPU
 
 
@@ -220,6 +249,7 @@ def _copy_bandwidth(device: torch.device, size: int = 2**30) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     del src, dst
+    torch.cuda.empty_cache()
     return 2 * size / statistics.median(times) / 1e9
 
 
@@ -316,10 +346,16 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--prefill-tokens", type=int, default=256)
+    ap.add_argument(
+        "--compile", action="store_true", help="also time torch.compile of the CPU decode step (minutes)"
+    )
     args = ap.parse_args()
     meta = {"commit": git_commit(), "machine": machine_info(), "versions": versions(PACKAGES)}
     if not args.gpu:
-        write_json(RESULTS_DIR / "local_runtime_cpu.json", {**meta, **cpu_section(args)})
+        result = cpu_section(args)
+        if args.compile:
+            result["torch_compile"] = compile_probe(resolve_model_path("smollm2-135m-instruct"))
+        write_json(RESULTS_DIR / "local_runtime_cpu.json", {**meta, **result})
     if args.gpu or (not args.cpu and torch.cuda.is_available()):
         write_json(RESULTS_DIR / "local_runtime_gpu.json", {**meta, **gpu_section(args)})
     elif not args.cpu:

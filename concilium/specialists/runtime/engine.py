@@ -131,7 +131,7 @@ class Engine:
             model.device,
         )
         if graphs:
-            self.cache._free.remove(max_batch)  # reserved for padding
+            self.cache.reserve(max_batch)  # the padding rows of captured batches write here
         self.graph_runner = None
         if graphs:
             from concilium.specialists.runtime.cuda_graphs import DecodeGraphRunner

@@ -65,6 +65,11 @@ class KVCache:
         self.lengths[slot] = 0
         return slot
 
+    def reserve(self, slot: int) -> None:
+        """Take `slot` out of circulation for good (e.g. as the target of padding rows)."""
+        self._free.remove(slot)
+        heapq.heapify(self._free)
+
     def release(self, slot: int) -> None:
         if slot in self._free or not 0 <= slot < self.max_slots:
             raise ValueError(f"slot {slot} is not allocated")
