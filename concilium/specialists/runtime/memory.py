@@ -8,6 +8,7 @@ the device has free.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -148,9 +149,13 @@ def available_bytes(device: torch.device | str) -> int:
     if dev.type == "cuda":
         free, _total = torch.cuda.mem_get_info(dev)
         return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)
+    try:  # Linux: what the kernel reports as available without swapping
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_fits(plan: MemoryPlan, device: torch.device | str, available: int | None = None) -> None:
