@@ -58,7 +58,7 @@ def _problems(err: ValidationError) -> list[tuple[str, str]]:
 MAX_YAML_NODES = 200_000  # after aliases are expanded: refuses "billion laughs" documents
 
 # Sections that other parts of the gateway validate: "module:function(policy, file)" raising PolicyError.
-SECTION_CHECKS = ["concilium.guard.schema:check_policy"]
+SECTION_CHECKS = ["concilium.guard.schema:check_policy", "concilium.policy.jobs:check_policy"]
 
 
 def _expanded_size(node: yaml.Node, seen: dict[int, int]) -> int:

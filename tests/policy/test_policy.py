@@ -97,3 +97,8 @@ def test_policy_check_cli(tmp_path):
                         capture_output=True, text=True)
     assert ko.returncode == 1
     assert f"{bad}: invalid policy" in ko.stdout and "routes[1].targets[0]: unknown model 'zzz'" in ko.stdout
+
+
+def test_section_checks_name_the_key_path():
+    err = _error(BASE + "jobs:\n  chat_wait_s: soon\n")
+    assert err.problems[0][0] == "jobs.chat_wait_s" and "number" in err.problems[0][1]
