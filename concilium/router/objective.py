@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from concilium.policy.schema import ModelSpec, Objective
 
 CHARS_PER_TOKEN = 4.0
@@ -68,3 +70,26 @@ def apply_objective(
     scored = sorted(items, key=lambda it: (-(it[1] - lam * it[2]), it[2]))
     ranked = [(m, q, c, f"utility {q - lam * c:.3f} = quality - {lam:g}/USD x cost") for m, q, c in scored]
     return ranked, None, f"tradeoff: maximise quality - {lam:g} x cost (USD)"
+
+
+def _argbest(primary: np.ndarray, secondary: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per row, the index maximising `primary` then `secondary` among `mask` columns."""
+    p = np.where(mask, primary, -np.inf)
+    top = p.max(axis=1, keepdims=True)
+    tied = mask & (p >= top)
+    return np.where(tied, secondary, -np.inf).argmax(axis=1)
+
+
+def first_choice(quality: np.ndarray, cost: np.ndarray, obj: Objective) -> np.ndarray:
+    """Vectorised `apply_objective(...)[0][0]`: the first model tried, per row of (n, c) matrices."""
+    every = np.ones_like(quality, dtype=bool)
+    if obj.kind == "max_quality":
+        cap = np.inf if obj.max_cost_usd is None else obj.max_cost_usd
+        within = cost <= cap
+        best_within = _argbest(quality, -cost, within)
+        cheapest = _argbest(-cost, quality, every)
+        return np.where(within.any(axis=1), best_within, cheapest)
+    if obj.kind == "min_cost":
+        bar = obj.quality_ratio * quality.max(axis=1, keepdims=True)
+        return _argbest(-cost, quality, quality >= bar - 1e-12)
+    return _argbest(quality - obj.lambda_per_usd * cost, -cost, every)

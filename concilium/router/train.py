@@ -5,7 +5,7 @@ embedding + lexical features), standardised once:
 
 - quality: one binary head per model, P(answers well); a fractional score s counts as s of a
   success and 1 - s of a failure;
-- category: multinomial over `CATEGORIES`, classes balanced; a category with no example gets a
+- category: multinomial over `CATEGORIES`, rare classes up-weighted (1/sqrt(count)); a category with no example gets a
   constant large negative bias (never predicted);
 - difficulty: multinomial over easy / medium / hard, from the record's `difficulty` label or, if it
   has none, 1 - its mean score over the models that answered it.
@@ -105,9 +105,10 @@ def fit_multiclass_head(z: np.ndarray, y: np.ndarray, w: np.ndarray, n_classes: 
     if len(present) == 1:
         bias[present[0]] = 0.0
         return coef, bias
-    if balanced:
+    if balanced:  # partly: weight ~ 1/sqrt(class count), so rare classes count without being overfit
         counts = np.bincount(y, minlength=n_classes).astype(float)
-        w = w * (len(y) / (len(present) * counts[y]))
+        cw = 1.0 / np.sqrt(counts[y])
+        w = w * cw * (len(y) / cw.sum())
     lr = _fit_logistic(z, y, w, c, max_iter)
     classes = list(lr.classes_)
     if len(classes) == 2:  # scikit-learn returns one column for two classes

@@ -1,0 +1,55 @@
+"""POST /v1/feedback: a score (0..1) for an answer, by request id; stored by `router.feedback`."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from fastapi import APIRouter, FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
+
+from concilium.gateway.errors import APIError
+from concilium.router.feedback import FeedbackError, FeedbackStore, open_store, parse_feedback
+
+log = logging.getLogger("concilium.gateway")
+router = APIRouter()
+MAX_BODY = 256 * 1024
+
+
+def _store(request: Request) -> FeedbackStore:
+    store = getattr(request.app.state, "feedback_store", None)
+    if store is None:
+        settings = request.app.state.settings
+        store = open_store(settings.redis_url, settings.data_dir)
+        request.app.state.feedback_store = store
+    return store
+
+
+@router.post("/v1/feedback", summary="Score an answer (0..1) by its request id, with an optional comment")
+async def feedback(request: Request) -> Response:
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise APIError(413, f"feedback bodies are limited to {MAX_BODY} bytes", code="body_too_large")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise APIError(400, "the body is not valid JSON", code="invalid_json") from None
+    try:
+        fb = parse_feedback(body)
+    except FeedbackError as e:
+        raise APIError(400, str(e), param=e.param, code="invalid_request") from None
+    store = _store(request)
+    try:
+        await store.append(fb)
+    except Exception as e:  # the record is not stored: say so, never acknowledge it
+        log.warning("feedback store (%s) failed: %s", store.kind, type(e).__name__)
+        raise APIError(503, "the feedback store is unavailable; the record was not stored, retry later",
+                       code="feedback_unavailable") from None
+    out = {"object": "feedback", "id": fb.id, "request_id": fb.request_id, "score": fb.score, "stored": store.kind}
+    return Response(orjson.dumps(out), media_type="application/json")
+
+
+def setup(app: FastAPI) -> None:
+    settings = app.state.settings
+    app.state.feedback_store = open_store(settings.redis_url, settings.data_dir)

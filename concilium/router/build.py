@@ -1,0 +1,66 @@
+"""Rebuild the shipped default artifact from the permissively licensed public data.
+
+Training data: RouteLLM (Apache-2.0) GSM8K, MMLU and MT-Bench outcomes of Mixtral-8x7B and GPT-4;
+LLMRouter (MIT) outcomes of nine open models (train and test files), priced with its candidate
+list; and the project's own seed prompts (`seed/seed_prompts.jsonl`, category labels only). RouterDC
+(no license stated) is never used here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from concilium.router import converters as conv
+from concilium.router.outcomes import Outcome, file_sha256, read_outcomes
+from concilium.router.train import TrainConfig, load_embedder, train
+
+log = logging.getLogger(__name__)
+SEED = Path(__file__).resolve().parent / "seed" / "seed_prompts.jsonl"
+
+
+def default_records(data: Path) -> tuple[list[Outcome], dict[str, list[str]], list[Path]]:
+    r = data / "routing"
+    files = [
+        r / "routellm" / "gsm8k_responses.csv",
+        r / "llmrouter" / "dcrouter_train.json",
+        r / "llmrouter" / "dcrouter_test.json",
+        r / "llmrouter" / "query_train.jsonl",
+        r / "llmrouter" / "query_test.jsonl",
+        r / "llmrouter" / "llm_candidates.json",
+        r / "routellm" / "mt_bench" / "judgements.jsonl",
+        SEED,
+    ]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not (r / "routellm" / "mmlu").is_dir():
+        raise ValueError(f"public data not found under {data}: missing {', '.join(missing) or 'routellm/mmlu'}")
+    records = conv.convert("routellm-gsm8k", files[0])
+    records += conv.convert("routellm-mmlu", r / "routellm" / "mmlu")
+    records += conv.convert("routellm-mt-bench", r / "routellm" / "mt_bench")
+    records += conv.convert("llmrouter", files[1])
+    records += conv.convert("llmrouter", files[2])
+    records += read_outcomes(SEED)
+    aliases = {m: [a] for m, a in conv.llmrouter_aliases(files[5]).items() if a != m}
+    files += sorted((r / "routellm" / "mmlu").glob("*.csv"))
+    return records, aliases, files
+
+
+def build_default(data: Path, out: Path, distill: bool = False, clusters: int = 4096,
+                  embedder_dir: str | None = None) -> Path:
+    records, aliases, files = default_records(data)
+    if distill:
+        from concilium.router.distill import distill_static
+
+        embedder = distill_static(None, clusters or None)
+    else:
+        embedder = load_embedder(embedder_dir)
+    meta = {
+        "data": {
+            "licenses": "RouteLLM Apache-2.0, LLMRouter MIT, project seed prompts",
+            "files": file_sha256(files),
+            "n_records": len(records),
+        },
+    }
+    artifact, report = train(records, embedder, TrainConfig(), aliases, meta, progress=True)
+    log.info("default artifact: %d records, heads for %s", report.n_records, ", ".join(report.models))
+    return artifact.save(out)

@@ -1,0 +1,289 @@
+"""`concilium router convert | train | eval | calibrate | build-default`.
+
+Imports stay inside the handlers so that `concilium --help` does not load numpy or scikit-learn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SEED_PROMPTS = Path(__file__).resolve().parent / "seed" / "seed_prompts.jsonl"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("router", help="train, evaluate and calibrate the learned dispatcher")
+    sub = p.add_subparsers(dest="router_command", required=True)
+
+    c = sub.add_parser("convert", help="convert a public routing data set to outcome JSONL")
+    c.add_argument("source", help="routellm-gsm8k | routellm-mmlu | routellm-mt-bench | llmrouter | routerdc")
+    c.add_argument("path", help="the published file or folder (see docs/router.md)")
+    c.add_argument("--out", required=True, help="output JSONL file")
+    c.add_argument("--keep-contaminated", action="store_true", help="keep RouteLLM's contaminated prompts")
+    c.set_defaults(func=_convert)
+
+    t = sub.add_parser("train", help="train a router artifact from outcome JSONL files")
+    t.add_argument("--outcomes", nargs="+", default=[], metavar="FILE", help="outcome JSONL files")
+    t.add_argument("--feedback", nargs="*", default=[], metavar="FILE",
+                   help="feedback JSONL files (the gateway's var/feedback.jsonl, or an export of the Redis stream)")
+    t.add_argument("--decisions", metavar="FILE",
+                   help="routing decisions JSONL (request_id, model, prompt) to join feedback that carries no prompt")
+    t.add_argument("--feedback-weight", type=float, default=1.0, help="training weight of a feedback record")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--embedder", metavar="DIR", help="take the static embedder from this artifact (default: the shipped one)")
+    t.add_argument("--distill", action="store_true", help="distill a fresh static embedder (slow: minutes)")
+    t.add_argument("--clusters", type=int, default=4096, help="vocabulary clusters when distilling (0: none)")
+    t.add_argument("--alias", action="append", default=[], metavar="MODEL=NAME",
+                   help="another name a policy may use for MODEL (repeatable)")
+    t.add_argument("--c", type=float, default=1.0, help="inverse regularisation of the quality heads")
+    t.add_argument("--holdout", type=float, default=0.0,
+                   help="hold out this share of records, train on the rest and print the evaluation")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a router artifact on held-out outcomes")
+    e.add_argument("--outcomes", required=True, metavar="FILE")
+    e.add_argument("--model", required=True, metavar="DIR", help="router artifact directory")
+    e.add_argument("--models", help="comma-separated models to compare (default: those scored on every record)")
+    e.add_argument("--png", help="write the quality curves here (default: next to --json, or none)")
+    e.add_argument("--json", help="write the numbers here")
+    e.set_defaults(func=_eval)
+
+    k = sub.add_parser("calibrate", help="pick the objective's knob for a target traffic share")
+    k.add_argument("--policy", required=True)
+    k.add_argument("--prompts", required=True, metavar="FILE",
+                   help="reference prompts: JSONL with `prompt` or `messages` (outcome files work)")
+    k.add_argument("--target", required=True, help="a model name, or tier:small|medium|large|frontier")
+    k.add_argument("--share", required=True, type=float, help="wanted share of first choices, 0..1")
+    k.add_argument("--route", help="the route whose targets compete (default: the first route with rank: true)")
+    k.add_argument("--kind", choices=["min_cost", "tradeoff", "max_quality"],
+                   help="objective to calibrate (default: the policy's)")
+    k.add_argument("--limit", type=int, default=5000, help="use at most this many prompts")
+    k.set_defaults(func=_calibrate)
+
+    b = sub.add_parser("build-default", help="rebuild the shipped default artifact from the public data")
+    b.add_argument("--data", default="../shared/data", help="folder holding routing/ (see docs/router.md)")
+    b.add_argument("--out", default=str(Path(__file__).resolve().parent / "default"))
+    b.add_argument("--distill", action="store_true",
+                   help="distill a fresh embedder (slow: minutes); otherwise reuse --embedder's")
+    b.add_argument("--clusters", type=int, default=4096, help="vocabulary clusters when distilling (0: none)")
+    b.add_argument("--embedder", metavar="DIR", help="embedder source artifact (default: the shipped one)")
+    b.set_defaults(func=_build_default)
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from concilium.router.converters import convert
+    from concilium.router.outcomes import OutcomeError, write_outcomes
+
+    try:
+        recs = convert(args.source, args.path, drop_contaminated=not args.keep_contaminated)
+    except (OutcomeError, OSError) as e:
+        return _fail(str(e))
+    n = write_outcomes(recs, args.out)
+    print(f"wrote {n} records to {args.out}")
+    return 0
+
+
+def _parse_aliases(items: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in items:
+        model, sep, alias = item.partition("=")
+        if not sep or not model or not alias:
+            raise ValueError(f"--alias expects MODEL=NAME, got {item!r}")
+        out.setdefault(model, []).append(alias)
+    return out
+
+
+def _load_training(args: argparse.Namespace):
+    from concilium.router.feedback import feedback_outcomes, read_decisions, read_feedback_file
+    from concilium.router.outcomes import read_outcomes
+
+    records = []
+    for f in args.outcomes:
+        records += read_outcomes(f)
+    fb_used = fb_skipped = 0
+    if args.feedback:
+        fbs = [fb for f in args.feedback for fb in read_feedback_file(f)]
+        decisions = read_decisions(args.decisions) if args.decisions else {}
+        fb_recs, fb_skipped = feedback_outcomes(fbs, decisions, args.feedback_weight)
+        records += fb_recs
+        fb_used = len(fb_recs)
+    return records, fb_used, fb_skipped
+
+
+def _train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from concilium.router.evaluate import (
+        eval_matrix,
+        format_n_model,
+        format_two_model,
+        n_model_report,
+        predicted_quality,
+        two_model_report,
+    )
+    from concilium.router.outcomes import OutcomeError, file_sha256
+    from concilium.router.train import TrainConfig, load_embedder, train
+
+    if not args.outcomes and not args.feedback:
+        return _fail("give --outcomes FILE... and/or --feedback FILE...")
+    try:
+        aliases = _parse_aliases(args.alias)
+        records, fb_used, fb_skipped = _load_training(args)
+    except (OutcomeError, ValueError, OSError) as e:
+        return _fail(str(e))
+    if args.feedback:
+        print(f"feedback: {fb_used} outcome records, {fb_skipped} records without a model and prompt skipped")
+    if args.distill:
+        from concilium.router.distill import distill_static
+
+        embedder = distill_static(None, args.clusters or None)
+    else:
+        try:
+            embedder = load_embedder(args.embedder)
+        except (OSError, ValueError) as e:
+            return _fail(f"cannot load the embedder: {e}")
+    held = []
+    if args.holdout > 0:
+        rng = np.random.default_rng(args.seed)
+        order = rng.permutation(len(records))
+        n_held = int(round(len(records) * args.holdout))
+        held = [records[i] for i in order[:n_held]]
+        records = [records[i] for i in order[n_held:]]
+    files = list(args.outcomes) + list(args.feedback)
+    meta = {"data": {"files": file_sha256(files), "n_records": len(records), "holdout": len(held)}}
+    try:
+        artifact, report = train(records, embedder, TrainConfig(c_quality=args.c), aliases, meta, progress=not args.quiet)
+    except OutcomeError as e:
+        return _fail(str(e))
+    if held:
+        try:
+            data = eval_matrix([r for r in held if all(m in r.scores for m in report.models)] or held)
+            pred = predicted_quality(artifact, data)
+            metrics: dict = {}
+            if len(data.models) == 2:
+                two = two_model_report(pred, data)
+                print(format_two_model(two))
+                metrics["apgr"] = two["rows"]["router"]["apgr"]
+            if data.cost is not None:
+                many = n_model_report(pred, data)
+                print(format_n_model(many))
+                metrics["aiq"] = many["rows"]["router"]["aiq"]
+            artifact.meta["metrics"] = {"holdout": metrics}
+        except OutcomeError as e:
+            print(f"holdout evaluation skipped: {e}")
+    out = artifact.save(args.out)
+    print(f"trained on {report.n_records} records; quality heads: "
+          + ", ".join(f"{m} ({n})" for m, n in report.models.items()))
+    if report.skipped_models:
+        print("too few records, no head: " + ", ".join(f"{m} ({n})" for m, n in report.skipped_models.items()))
+    print(f"wrote {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from concilium.router.artifact import Artifact, ArtifactError
+    from concilium.router.evaluate import (
+        eval_matrix,
+        format_n_model,
+        format_two_model,
+        n_model_report,
+        plot,
+        predicted_quality,
+        two_model_report,
+    )
+    from concilium.router.outcomes import OutcomeError, read_outcomes
+
+    try:
+        artifact = Artifact.load(args.model)
+        records = read_outcomes(args.outcomes)
+        models = args.models.split(",") if args.models else None
+        if models:
+            records = [r for r in records if all(m in r.scores for m in models)]
+        data = eval_matrix(records, models)
+        pred = predicted_quality(artifact, data)
+    except (ArtifactError, OutcomeError) as e:
+        return _fail(str(e))
+    print(f"{len(records)} records, models: {', '.join(data.models)}")
+    two = many = None
+    out: dict = {"outcomes": args.outcomes, "model": args.model, "n": len(records), "models": data.models}
+    if len(data.models) == 2:
+        two = two_model_report(pred, data)
+        print(format_two_model(two))
+        out["two_model"] = {k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in two["rows"].items()}
+    if data.cost is not None:
+        many = n_model_report(pred, data)
+        print(format_n_model(many))
+        out["n_model"] = {k: {kk: vv for kk, vv in v.items() if kk != "points"} for k, v in many["rows"].items()}
+    elif len(data.models) > 2:
+        print("no `costs` in the records: the quality-cost table and AIQ need them")
+    png = args.png or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if png and (two or many):
+        print(f"wrote {plot(two, many, png, title=Path(args.outcomes).name)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from concilium.policy.loader import PolicyError, load_policy
+    from concilium.router.calibrate import CalibrationError, calibrate
+    from concilium.router.learned import load_dispatcher
+    from concilium.router.outcomes import iter_jsonl
+
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as e:
+        return _fail(str(e))
+    dispatcher = load_dispatcher(policy.router, policy)
+    if dispatcher is None:
+        return _fail("no learned router for this policy (router.learned is false or the artifact does not load)")
+    if args.route:
+        route = next((r for r in policy.routes if r.name == args.route), None)
+        if route is None:
+            return _fail(f"no route named {args.route!r}; routes: {', '.join(r.name for r in policy.routes)}")
+    else:
+        route = next((r for r in policy.routes if r.rank and len(r.targets) > 1), None)
+        if route is None:
+            return _fail("no route with rank: true and several targets; name one with --route")
+    bodies = []
+    try:
+        for row in iter_jsonl(args.prompts):
+            if isinstance(row.get("messages"), list):
+                bodies.append({"messages": row["messages"]})
+            elif isinstance(row.get("prompt"), str):
+                bodies.append({"messages": [{"role": "user", "content": row["prompt"]}]})
+            if len(bodies) >= args.limit:
+                break
+    except (OSError, json.JSONDecodeError) as e:
+        return _fail(f"{args.prompts}: {e}")
+    try:
+        cal = calibrate(dispatcher, policy, bodies, list(route.targets), args.target, args.share, args.kind)
+    except CalibrationError as e:
+        return _fail(str(e))
+    print(f"route {route.name}: {cal.n_prompts} reference prompts, target {args.target} -> {', '.join(cal.target)}")
+    print(f"{cal.knob} = {cal.value:.6g} sends {cal.share:.1%} of first choices to the target (wanted {cal.target_share:.1%})")
+    for m, s in sorted(cal.shares.items(), key=lambda kv: -kv[1]):
+        print(f"  {m:<30} {s:6.1%}")
+    print("\nput this in the policy:\n" + cal.yaml())
+    return 0
+
+
+def _build_default(args: argparse.Namespace) -> int:
+    from concilium.router.build import build_default
+
+    try:
+        out = build_default(Path(args.data), Path(args.out), args.distill, args.clusters, args.embedder)
+    except (OSError, ValueError) as e:
+        return _fail(str(e))
+    print(f"wrote {out}")
+    return 0
