@@ -1,0 +1,457 @@
+"""Router quality and speed on public data, against simple and published-style baselines.
+
+1. APGR (5-fold cross-validation, per-fold mean +- std) on RouteLLM GSM8K and MMLU (Mixtral-8x7B vs
+   GPT-4, contaminated prompts dropped) for: random, prompt length, TF-IDF + logistic regression,
+   kNN on embeddings, ours (the dispatcher's training pipeline on the fold's training part), oracle.
+2. AIQ on LLMRouter's 9-model test split (trained on its train split minus any test prompt) for
+   every single model, the random mix, kNN, ours and the oracle.
+3. Category accuracy and difficulty correlation of the shipped default artifact on labelled prompt
+   sets it never saw (Arena-Hard v2, HumanEval, MATH, GSM8K train, WizardLM).
+4. Latency of `decide()` with the shipped artifact for a 200-token prompt (p50/p99), its parts, and
+   the artifact's load time; with --minilm also the full MiniLM transformer as the embedder
+   (quality and latency), the alternative the static embedder was chosen over.
+
+Run: .venv/bin/python benchmarks/router_quality.py [--data ../shared/data] [--minilm] [--quick]
+Prints tables; writes benchmarks/results/router_quality.json and router_quality_*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import RESULTS_DIR, git_commit, machine_info, versions, write_json  # noqa: E402
+
+from concilium.router import converters as conv  # noqa: E402
+from concilium.router import metrics as M  # noqa: E402
+from concilium.router.artifact import Artifact  # noqa: E402
+from concilium.router.categories import ARENA_HARD, CATEGORIES  # noqa: E402
+from concilium.router.evaluate import plot  # noqa: E402
+from concilium.router.features import lexical_matrix  # noqa: E402
+from concilium.router.learned import DEFAULT_ARTIFACT, Dispatcher  # noqa: E402
+from concilium.router.outcomes import Outcome, prompt_key  # noqa: E402
+from concilium.router.predictor import Predictor  # noqa: E402
+from concilium.router.train import TrainConfig, train  # noqa: E402
+
+KNN_K = 50
+FOLDS = 5
+SEED = 0
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- features
+
+
+class Featuriser:
+    """Embeddings (+ lexical features) of every prompt, computed once and cached by text."""
+
+    def __init__(self, name: str, encode_batch) -> None:
+        self.name = name
+        self.encode_batch = encode_batch
+        self.cache: dict[str, np.ndarray] = {}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        for i in range(0, len(todo), 1024):
+            part = todo[i : i + 1024]
+            for t, v in zip(part, self.encode_batch(part), strict=True):
+                self.cache[t] = v
+        return np.stack([self.cache[t] for t in texts])
+
+    def features(self, texts: list[str]) -> np.ndarray:
+        return np.hstack([self.embed(texts), lexical_matrix(texts)])
+
+
+# ----------------------------------------------------------------------------- routers
+
+
+def knn_scores(e_train: np.ndarray, y_train: np.ndarray, e_test: np.ndarray, k: int = KNN_K) -> np.ndarray:
+    """Mean outcome of the k most similar training prompts (cosine on unit embeddings), per model."""
+    out = np.zeros((len(e_test), y_train.shape[1]))
+    for i in range(0, len(e_test), 512):
+        sims = e_test[i : i + 512] @ e_train.T
+        idx = np.argpartition(-sims, min(k, len(e_train) - 1), axis=1)[:, :k]
+        out[i : i + 512] = y_train[idx].mean(axis=1)
+    return out
+
+
+def tfidf_lr(train_texts: list[str], y: np.ndarray, test_texts: list[str]) -> np.ndarray:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vec = TfidfVectorizer(min_df=2, ngram_range=(1, 2), sublinear_tf=True)
+    x = vec.fit_transform(train_texts)
+    lr = LogisticRegression(max_iter=3000).fit(x, y)
+    return lr.predict_proba(vec.transform(test_texts))[:, 1]
+
+
+def ours_quality(train_recs: list[Outcome], x_train: np.ndarray, x_test: np.ndarray, models: list[str]) -> np.ndarray:
+    """Train the dispatcher's heads on the training part; predicted quality of `models` on the test part.
+    Features are precomputed (static or MiniLM embedding + lexical), so the embedder stored in the
+    throw-away artifact is never called here."""
+    art, _ = train(train_recs, EMBEDDER, TrainConfig(), features=x_train)
+    pred = Predictor(art)
+    q, _, _ = pred.forward_batch(x_test.astype(np.float32))
+    names = art.model_names
+    return q[:, [names.index(m) for m in models]]
+
+
+# ----------------------------------------------------------------------------- 1. APGR
+
+
+def apgr_table(name: str, recs: list[Outcome], feats: dict[str, Featuriser], quick: bool) -> dict:
+    from sklearn.model_selection import KFold
+
+    W, S = conv.ROUTELLM_WEAK, conv.ROUTELLM_STRONG
+    texts = [r.prompt for r in recs]
+    weak = np.array([r.scores[W] for r in recs])
+    strong = np.array([r.scores[S] for r in recs])
+    y = np.stack([weak, strong], axis=1)
+    gain = (strong > weak).astype(int)
+    lengths = np.array([len(t) for t in texts], dtype=float)
+    rng = np.random.default_rng(SEED)
+    x_all = {k: f.features(texts) for k, f in feats.items()}
+    rows: dict[str, list] = {}
+
+    def add(router: str, score: np.ndarray, te: np.ndarray) -> None:
+        c = M.two_model_curve(score, weak[te], strong[te])
+        rows.setdefault(router, []).append((c.apgr, c.cpt(0.5), c.cpt(0.8)))
+
+    folds = list(KFold(FOLDS, shuffle=True, random_state=SEED).split(texts))
+    if quick:
+        folds = folds[:2]
+    for fi, (tr, te) in enumerate(folds):
+        log(f"  {name}: fold {fi + 1}/{len(folds)}")
+        add("random (expected)", np.zeros(len(te)), te)
+        add("random (one draw)", rng.random(len(te)), te)
+        add("prompt length", lengths[te], te)
+        add("TF-IDF + LR", tfidf_lr([texts[i] for i in tr], gain[tr], [texts[i] for i in te]), te)
+        for k, x in x_all.items():
+            emb_dim = feats[k].embed(texts[:1]).shape[1]
+            e = x[:, :emb_dim]
+            p = knn_scores(e[tr], y[tr], e[te])
+            add(f"kNN-{KNN_K} ({k})", p[:, 1] - p[:, 0], te)
+            q = ours_quality([recs[i] for i in tr], x[tr], x[te], [W, S])
+            add(f"ours ({k})", q[:, 1] - q[:, 0], te)
+        add("oracle", M.oracle_scores(weak[te], strong[te]), te)
+    table = {}
+    for router, vals in rows.items():
+        a = np.array(vals)
+        table[router] = {"apgr": float(a[:, 0].mean()), "apgr_std": float(a[:, 0].std()),
+                         "cpt50": float(a[:, 1].mean()), "cpt80": float(a[:, 2].mean()), "folds": len(vals)}
+    return {"n": len(recs), "quality_weak": float(weak.mean()), "quality_strong": float(strong.mean()),
+            "routers": table}
+
+
+def print_apgr(results: dict) -> None:
+    names = list(results)
+    routers = list(results[names[0]]["routers"])
+    log("\nAPGR, 5-fold CV (per-fold mean +- std), RouteLLM Mixtral-8x7B vs GPT-4, contaminated prompts dropped")
+    head = f"{'router':<28}" + "".join(f"{n + ' APGR':>20}{'CPT50':>8}{'CPT80':>8}" for n in names)
+    log(head)
+    for r in routers:
+        line = f"{r:<28}"
+        for n in names:
+            t = results[n]["routers"][r]
+            line += f"{t['apgr']:>13.3f} +-{t['apgr_std']:.3f}{t['cpt50']:>8.1%}{t['cpt80']:>8.1%}"
+        log(line)
+    log("  ".join(f"{n}: n={results[n]['n']}, weak {results[n]['quality_weak']:.3f}, strong "
+                  f"{results[n]['quality_strong']:.3f}" for n in names))
+
+
+# ----------------------------------------------------------------------------- 2. AIQ
+
+
+def aiq_table(train_recs: list[Outcome], test_recs: list[Outcome], feats: dict[str, Featuriser]) -> tuple[dict, dict]:
+    banned = {prompt_key(r.prompt) for r in test_recs}
+    train_recs = [r for r in train_recs if prompt_key(r.prompt) not in banned]
+    models = list(test_recs[0].scores)
+    q_true = np.array([[r.scores[m] for m in models] for r in test_recs])
+    cost = np.array([[r.costs[m] for m in models] for r in test_recs])
+    y_train = np.array([[r.scores[m] for m in models] for r in train_recs])
+    single = M.random_mix_points(q_true, cost)
+    c_min, c_max = float(single[:, 0].min()), float(single[:, 0].max())
+    rows: dict[str, dict] = {}
+    for j, m in enumerate(models):
+        rows[m] = {"kind": "single", "cost": float(single[j, 0]), "quality": float(single[j, 1]),
+                   "aiq": M.aiq(single[j : j + 1], c_min, c_max), "points": single[j : j + 1]}
+    curves = {"random mix": single, "oracle": M.oracle_points(q_true, cost)}
+    for k, f in feats.items():
+        tr_texts, te_texts = [r.prompt for r in train_recs], [r.prompt for r in test_recs]
+        x_tr, x_te = f.features(tr_texts), f.features(te_texts)
+        dim = f.embed(te_texts[:1]).shape[1]
+        curves[f"kNN-{KNN_K} ({k})"] = M.tradeoff_curve(knn_scores(x_tr[:, :dim], y_train, x_te[:, :dim]), q_true, cost)
+        curves[f"ours ({k})"] = M.tradeoff_curve(ours_quality(train_recs, x_tr, x_te, models), q_true, cost)
+    for name, pts in curves.items():
+        best = pts[np.argmax(pts[:, 1])]
+        rows[name] = {"kind": name, "cost": float(best[0]), "quality": float(best[1]),
+                      "aiq": M.aiq(pts, c_min, c_max), "points": pts}
+    rep = {"c_min": c_min, "c_max": c_max, "rows": rows}
+    clean = {"n_train": len(train_recs), "n_test": len(test_recs), "c_min": c_min, "c_max": c_max,
+             "rows": {k: {kk: vv for kk, vv in v.items() if kk != "points"} for k, v in rows.items()}}
+    return clean, rep
+
+
+def print_aiq(res: dict) -> None:
+    log(f"\nAIQ on LLMRouter's 9-model test split ({res['n_test']} prompts; trained on {res['n_train']} train "
+        "prompts not in the test split). Cost: $ per request (estimated from prices and prompt length)")
+    log(f"{'router / model':<36}{'cost of best point':>20}{'quality':>9}{'AIQ':>8}")
+    for name, r in sorted(res["rows"].items(), key=lambda kv: (kv[1]["kind"] != "single", -kv[1]["aiq"])):
+        log(f"{name:<36}{r['cost']:>20.3e}{r['quality']:>9.3f}{r['aiq']:>8.3f}")
+
+
+# ----------------------------------------------------------------------------- 3. category / difficulty
+
+
+def labelled_sets(data: Path, exclude: set[str]) -> dict[str, list[tuple[str, str | None, float | None]]]:
+    """name -> [(prompt, category or None, difficulty label or None)], prompts seen in training dropped."""
+    p = data / "prompts"
+    out: dict[str, list] = {}
+
+    def jl(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+
+    out["arena-hard-v2"] = [(q["prompt"], ARENA_HARD.get(q.get("subcategory", "")), None)
+                            for q in jl(p / "arena_hard_v2" / "question.jsonl")]
+    import gzip
+
+    with gzip.open(p / "humaneval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as f:
+        out["humaneval"] = [(json.loads(line)["prompt"], "code", None) for line in f if line.strip()]
+    out["math (levels 1-5)"] = [(q["problem"], "math", float(q["level"].split()[-1]) if "Level" in q["level"] else None)
+                                for q in jl(p / "math" / "test.jsonl")]
+    out["gsm8k train"] = [(q["question"], "math", None) for q in jl(p / "gsm8k" / "train.jsonl")[:1000]]
+    wiz = {"Math": "math", "Code Generation": "code", "Code Debug": "code", "Writting": "creative",
+           "Reasoning": "reasoning", "Roleplay": "chat", "Academic Writing": "creative"}
+    out["wizardlm (difficulty 1-10)"] = [(q["Instruction"], wiz.get(q["Skill"]), float(q["Difficulty"]))
+                                         for q in jl(p / "wizardlm" / "WizardLM_testset.jsonl")]
+    return {k: [t for t in v if prompt_key(t[0]) not in exclude] for k, v in out.items()}
+
+
+def category_table(art: Artifact, sets: dict) -> dict:
+    from scipy.stats import spearmanr
+
+    pred = Predictor(art)
+    res = {}
+    for name, items in sets.items():
+        texts = [t for t, _, _ in items]
+        _, cat, dif = pred.forward_batch(pred.features_batch(texts))
+        guess = [art.categories[i] for i in cat.argmax(1)]
+        labelled = [(g, c) for g, (_, c, _) in zip(guess, items, strict=True) if c is not None]
+        row: dict = {"n": len(items)}
+        if labelled:
+            row["category_accuracy"] = float(np.mean([g == c for g, c in labelled]))
+            row["n_labelled"] = len(labelled)
+        levels = [(d, lv) for d, (_, _, lv) in zip(dif @ np.array([0.0, 0.5, 1.0]), items, strict=True) if lv is not None]
+        if len(levels) > 10:
+            rho = spearmanr([a for a, _ in levels], [b for _, b in levels]).statistic
+            row["difficulty_spearman"] = float(rho)
+        counts = {c: guess.count(c) for c in CATEGORIES if guess.count(c)}
+        row["predicted"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+        res[name] = row
+    return res
+
+
+def print_categories(res: dict) -> None:
+    log("\nShipped artifact on labelled prompts it never saw: category accuracy, Spearman(difficulty, label)")
+    log(f"{'set':<28}{'n':>6}{'cat. acc.':>11}{'diff. rho':>11}  predicted categories")
+    for name, r in res.items():
+        acc = f"{r['category_accuracy']:.3f}" if "category_accuracy" in r else "-"
+        rho = f"{r['difficulty_spearman']:.3f}" if "difficulty_spearman" in r else "-"
+        top = ", ".join(f"{c} {n}" for c, n in list(r["predicted"].items())[:4])
+        log(f"{name:<28}{r['n']:>6}{acc:>11}{rho:>11}  {top}")
+
+
+# ----------------------------------------------------------------------------- 4. latency
+
+
+PROMPT_200 = (
+    "I am building a small web service in Python that stores customer orders in PostgreSQL and exposes them "
+    "through a REST API. Orders have line items, a status that moves from pending to paid to shipped, and a "
+    "total that must always equal the sum of the line items. Please explain how I should structure the "
+    "database tables, which indexes I need for listing a customer's recent orders quickly, how to keep the "
+    "total consistent when two requests update the same order at the same time, and how to write the "
+    "endpoint that marks an order as shipped so that it is safe to retry. Show the SQL for the tables and a "
+    "short example of the transaction in Python, and point out the mistakes people usually make here."
+)
+
+
+def latency(art_dir: Path, iters: int) -> dict:
+    from concilium.policy.schema import Policy
+    from concilium.router.decide import decide
+    from concilium.router.features import lexical_features
+    from concilium.router.text import request_text
+
+    t0 = time.perf_counter()
+    art = Artifact.load(art_dir)
+    d = Dispatcher(art, str(art_dir))
+    load_s = time.perf_counter() - t0
+    up = {"provider": "openai", "base_url": "https://up.example/v1"}
+    pol = Policy.model_validate({
+        "models": {
+            "gpt-4": {**up, "model": "gpt-4-1106-preview", "price": {"input": 10, "output": 30}},
+            "mixtral": {**up, "model": "mistralai/Mixtral-8x7B-Instruct-v0.1", "price": {"input": 0.6, "output": 0.6}},
+            "qwen-7b": {**up, "model": "qwen/qwen2.5-7b-instruct", "price": {"input": 0.2, "output": 0.2}},
+            "llama-8b": {**up, "model": "meta/llama-3.1-8b-instruct", "price": {"input": 0.2, "output": 0.2}},
+            "coder": {**up, "model": "my-coder", "tier": "medium", "tags": ["code"], "price": {"input": 1, "output": 3}},
+            "local": {"provider": "local", "model": "smollm2", "tags": ["local"]},
+        },
+        "routes": [{"name": "auto", "targets": ["gpt-4", "mixtral", "qwen-7b", "llama-8b", "coder", "local"]}],
+    })
+    body = {"model": "concilium/auto", "messages": [{"role": "user", "content": PROMPT_200}]}
+    n_tokens = len(art.embedder.tokenizer.encode(PROMPT_200, add_special_tokens=False).ids)
+    text, turns = request_text(body)
+
+    def timeit(fn, n: int) -> dict:
+        for _ in range(min(200, n)):
+            fn()
+        ts = np.empty(n)
+        for i in range(n):
+            t = time.perf_counter()
+            fn()
+            ts[i] = time.perf_counter() - t
+        ts *= 1e3
+        return {"p50_ms": float(np.percentile(ts, 50)), "p99_ms": float(np.percentile(ts, 99)),
+                "mean_ms": float(ts.mean())}
+
+    out = {
+        "artifact_load_s": load_s,
+        "prompt_tokens": n_tokens,
+        "decide": timeit(lambda: decide(body, pol, dispatcher=d), iters),
+        "parts": {
+            "request_text": timeit(lambda: request_text(body), iters // 4),
+            "embed (static)": timeit(lambda: art.embedder.encode(text), iters // 4),
+            "lexical features": timeit(lambda: lexical_features(text, turns), iters // 4),
+            "heads": timeit(lambda: d.predictor.forward(d.predictor.features(text, turns)), iters // 4),
+            "predict": timeit(lambda: d.predict(body, pol), iters // 4),
+        },
+    }
+    return out
+
+
+def minilm_latency(iters: int) -> dict:
+    import torch
+
+    from concilium.router.embedder import MiniLMEmbedder
+
+    torch.set_num_threads(1)
+    m = MiniLMEmbedder()
+    for _ in range(5):
+        m.encode(PROMPT_200)
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        m.encode(PROMPT_200)
+        ts.append((time.perf_counter() - t) * 1e3)
+    return {"p50_ms": float(np.percentile(ts, 50)), "p99_ms": float(np.percentile(ts, 99)), "threads": 1}
+
+
+# ----------------------------------------------------------------------------- main
+
+EMBEDDER = None  # the static embedder heads are trained with (set in main)
+
+
+def main() -> int:
+    global EMBEDDER
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+    ap.add_argument("--artifact", default=str(DEFAULT_ARTIFACT))
+    ap.add_argument("--minilm", action="store_true", help="also compare the full MiniLM transformer (slow)")
+    ap.add_argument("--quick", action="store_true", help="2 folds and fewer latency iterations (a smoke run)")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "router_quality.json"))
+    args = ap.parse_args()
+    data = Path(args.data)
+    r = data / "routing"
+    started = time.time()
+    meta = {"benchmark": "router_quality", "commit": git_commit(), "machine": machine_info(),
+            "versions": versions(["numpy", "scikit-learn", "tokenizers", "model2vec", "sentence-transformers",
+                                  "torch"]),
+            "settings": {"folds": FOLDS, "seed": SEED, "knn_k": KNN_K, "quick": args.quick,
+                         "artifact": args.artifact}}
+    art = Artifact.load(args.artifact)
+    EMBEDDER = art.embedder
+    feats = {"static": Featuriser("static", art.embedder.encode_batch)}
+    if args.minilm:
+        from concilium.router.embedder import MiniLMEmbedder
+
+        mini = MiniLMEmbedder()
+        feats["MiniLM"] = Featuriser("MiniLM", mini.encode_batch)
+
+    log("loading RouteLLM and LLMRouter outcomes ...")
+    gsm8k = conv.convert("routellm-gsm8k", r / "routellm" / "gsm8k_responses.csv")
+    mmlu = conv.convert("routellm-mmlu", r / "routellm" / "mmlu")
+    apgr = {"GSM8K": apgr_table("GSM8K", gsm8k, feats, args.quick), "MMLU": apgr_table("MMLU", mmlu, feats, args.quick)}
+    print_apgr(apgr)
+
+    llm_train = conv.convert("llmrouter", r / "llmrouter" / "dcrouter_train.json")
+    llm_test = conv.convert("llmrouter", r / "llmrouter" / "dcrouter_test.json")
+    aiq, aiq_rep = aiq_table(llm_train, llm_test, feats)
+    print_aiq(aiq)
+
+    seen = {prompt_key(x.prompt) for x in gsm8k + mmlu + llm_train + llm_test}
+    cats = category_table(art, labelled_sets(data, seen))
+    print_categories(cats)
+
+    iters = 400 if args.quick else 3000
+    lat = latency(Path(args.artifact), iters)
+    if args.minilm:
+        lat["minilm_embed_only"] = minilm_latency(50 if args.quick else 300)
+    log(f"\nLatency on this CPU (single request, {lat['prompt_tokens']}-token prompt, 6-model policy), "
+        f"load average at start {meta['machine']['load_avg_at_start'][0]:.1f}:")
+    log(f"  artifact load: {lat['artifact_load_s'] * 1e3:.0f} ms")
+    log(f"  decide(): p50 {lat['decide']['p50_ms']:.3f} ms, p99 {lat['decide']['p99_ms']:.3f} ms "
+        "(targets: p50 <= 1 ms, p99 <= 3 ms)")
+    for k, v in lat["parts"].items():
+        log(f"    {k:<18} p50 {v['p50_ms']:.3f} ms  p99 {v['p99_ms']:.3f} ms")
+    if "minilm_embed_only" in lat:
+        m = lat["minilm_embed_only"]
+        log(f"  MiniLM transformer, embedding only (1 thread): p50 {m['p50_ms']:.2f} ms, p99 {m['p99_ms']:.2f} ms; "
+            f"ratio to the static embedder p50: {m['p50_ms'] / lat['parts']['embed (static)']['p50_ms']:.0f}x")
+
+    out = Path(args.out)
+    result = {**meta, "apgr": apgr, "aiq": aiq, "categories": cats, "latency": lat,
+              "wall_s": round(time.time() - started, 1)}
+    write_json(out, result)
+    stem = out.with_suffix("")
+    for name, recs in (("gsm8k", gsm8k), ("mmlu", mmlu)):
+        log(f"wrote {curve_png(name, recs, feats['static'], Path(f'{stem}_{name}.png'))}")
+    log(f"wrote {plot(None, aiq_rep, Path(f'{stem}_llmrouter.png'), title='LLMRouter 9-model test split')}")
+    log(f"wrote {out}")
+    return 0
+
+
+def curve_png(name: str, recs: list[Outcome], feat: Featuriser, path: Path) -> Path:
+    """Quality vs strong share, pooled over the 5 folds' test parts (each prompt scored by a router
+    that did not train on it)."""
+    from sklearn.model_selection import KFold
+
+    from concilium.router.evaluate import EvalData, two_model_report
+
+    W, S = conv.ROUTELLM_WEAK, conv.ROUTELLM_STRONG
+    texts = [r.prompt for r in recs]
+    x = feat.features(texts)
+    pred = np.zeros((len(recs), 2))
+    for tr, te in KFold(FOLDS, shuffle=True, random_state=SEED).split(texts):
+        pred[te] = ours_quality([recs[i] for i in tr], x[tr], x[te], [W, S])
+    q = np.array([[r.scores[W], r.scores[S]] for r in recs])
+    rep = two_model_report(pred, EvalData([W, S], q, None, texts))
+    return plot(rep, None, path, title=f"RouteLLM {name}, 5-fold out-of-fold predictions")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
