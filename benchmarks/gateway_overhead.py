@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "gateway_overhead",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "duration_s": round(time.time() - started, 1),
+        "load_avg_at_end": list(os.getloadavg()),  # other work on the machine inflates c=1 CPU and p99
         "git_commit": git_commit(),
         "machine": machine_info(),
         "versions": {**versions(["fastapi", "starlette", "uvicorn", "uvloop", "httptools", "aiohttp",
