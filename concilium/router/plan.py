@@ -61,6 +61,9 @@ class RoutePlan(BaseModel):
 
     @property
     def summary(self) -> str:
-        """One short line for the x-concilium-reason header (ASCII, no newlines)."""
-        parts = list(self.reasons[:3])
-        return "; ".join(parts).encode("ascii", "replace").decode()[:300]
+        """One line for the x-concilium-reason header (ASCII, no newlines): the choice, the route and
+        any skipped models first, then the rest (ranking, prediction) as room allows."""
+        first = self.reasons[:2] + [r for r in self.reasons[2:] if r.startswith("skipped")]
+        rest = [r for r in self.reasons[2:] if not r.startswith("skipped")]
+        line = "; ".join(first + rest).replace("\n", " ")
+        return line.encode("ascii", "replace").decode()[:500]

@@ -24,7 +24,7 @@ class JobsEnv(BaseSettings):
     lease_s: float = Field(6.0, gt=0.5)
     # Embedded mode: worker threads in the gateway process and the in-memory broker's poll interval.
     embedded_concurrency: int = Field(4, ge=1, le=256)
-    embedded_poll_s: float = Field(0.01, gt=0)
+    embedded_poll_s: float = Field(0.05, gt=0)  # idle cost vs. job start delay
     # The hard timeout kills: in a prefork worker the pool kills the process at the job's hard time
     # limit. The job's own cooperative deadline comes this much later, as the fallback for pools that
     # cannot kill (threads: the embedded mode) and for jobs re-delivered after a worker died.
