@@ -93,8 +93,15 @@ def test_route_soft_timeout_must_come_before_its_hard_timeout():
 
 
 def test_invalid_section_falls_back_to_defaults_on_the_hot_path():
-    pol = policy("  queues: [x, x]\n")
+    import yaml
+
+    from concilium.policy.schema import Policy
+
+    # The loader refuses such a file; a Policy built without it must still route with defaults.
+    pol = Policy.model_validate(yaml.safe_load(BASE + "jobs:\n  queues: [x, x]\n"))
     assert jobs_config(pol).queues == ["high", "default", "low"]
+    with pytest.raises(PolicyError):
+        policy("  queues: [x, x]\n")
 
 
 class _Predicts:
