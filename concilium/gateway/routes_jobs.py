@@ -150,8 +150,19 @@ async def create_response(request: Request) -> Response:
     plan = plan_request(snap, chat_body, request_id(request))
     if not plan.candidates:
         raise no_candidates(plan)
-    job_id, created = await _submit(request, "response", chat_body,
-                                    template(body, chat_body["model"], time.time()), plan, snap, body)
+    guard, ticket = getattr(request.app.state, "guard", None), None
+    if guard is not None and guard.active:  # keys: access, rate limits, reserve the maximum cost
+        ticket, plan = await guard.admit(request, chat_body, plan, snap, plan_headers(plan))
+    try:
+        job_id, created = await _submit(request, "response", chat_body,
+                                        template(body, chat_body["model"], time.time()), plan, snap, body)
+    except BaseException:
+        if ticket is not None:
+            ticket.done(None, None, "failed")  # nothing was queued: release the reservation
+        raise
+    if ticket is not None:
+        # A job is charged its reservation (the most it may cost); a repeated idempotent create pays nothing.
+        ticket.done(None, None, "background" if created else "failed")
     service = _service(request)
     headers = {**plan_headers(plan), "x-concilium-job-id": job_id}
     if stream:
