@@ -17,6 +17,7 @@ from concilium.router.train import TrainConfig, load_embedder, train
 
 log = logging.getLogger(__name__)
 SEED = Path(__file__).resolve().parent / "seed" / "seed_prompts.jsonl"
+SEED_WEIGHT = 3.0
 
 
 def default_records(data: Path) -> tuple[list[Outcome], dict[str, list[str]], list[Path]]:
@@ -39,7 +40,10 @@ def default_records(data: Path) -> tuple[list[Outcome], dict[str, list[str]], li
     records += conv.convert("routellm-mt-bench", r / "routellm" / "mt_bench")
     records += conv.convert("llmrouter", files[1])
     records += conv.convert("llmrouter", files[2])
-    records += read_outcomes(SEED)
+    seed = read_outcomes(SEED)
+    for rec in seed:  # a few hundred hand-written, chat-style prompts beside ~21k benchmark prompts
+        rec.weight = SEED_WEIGHT
+    records += seed
     aliases = {m: [a] for m, a in conv.llmrouter_aliases(files[5]).items() if a != m}
     files += sorted((r / "routellm" / "mmlu").glob("*.csv"))
     return records, aliases, files

@@ -10,7 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-SEED_PROMPTS = Path(__file__).resolve().parent / "seed" / "seed_prompts.jsonl"
+
+class TrainDefaults:
+    c_quality = 0.001  # kept equal to train.TrainConfig.c_quality (checked by a test)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--clusters", type=int, default=4096, help="vocabulary clusters when distilling (0: none)")
     t.add_argument("--alias", action="append", default=[], metavar="MODEL=NAME",
                    help="another name a policy may use for MODEL (repeatable)")
-    t.add_argument("--c", type=float, default=1.0, help="inverse regularisation of the quality heads")
+    t.add_argument("--c", type=float, default=TrainDefaults.c_quality,
+                   help="inverse L2 regularisation of the quality heads (default %(default)s)")
     t.add_argument("--holdout", type=float, default=0.0,
                    help="hold out this share of records, train on the rest and print the evaluation")
     t.add_argument("--seed", type=int, default=0)

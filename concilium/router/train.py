@@ -26,7 +26,7 @@ import numpy as np
 from concilium.router.artifact import DIFFICULTY_LABELS, Artifact, Heads, ModelEntry
 from concilium.router.categories import CATEGORIES
 from concilium.router.embedder import StaticEmbedder
-from concilium.router.features import lexical_matrix
+from concilium.router.features import N_FEATURES, lexical_matrix
 from concilium.router.outcomes import Outcome, OutcomeError
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,15 @@ ABSENT_CLASS_BIAS = -20.0
 
 @dataclass
 class TrainConfig:
-    c_quality: float = 1.0  # inverse regularisation strength (scikit-learn's C)
-    c_category: float = 1.0
+    c_quality: float = 0.001  # inverse regularisation strength (scikit-learn's C) on standardised features
+    c_category: float = 0.01
     c_difficulty: float = 1.0
     max_iter: int = 3000
     min_records_per_model: int = 20
     difficulty_edges: tuple[float, float] = (1 / 3, 2 / 3)
+    # Lexical features are few and dense: they are scaled up after standardisation, so the same L2
+    # penalty restrains them less than the many embedding dimensions.
+    lexical_scale: float = 3.0
 
 
 @dataclass
@@ -153,6 +156,7 @@ def train(
     x = featurise(records, embedder, progress) if features is None else features
     mu = x.mean(axis=0)
     sd = x.std(axis=0) + 1e-6
+    sd[-N_FEATURES:] /= cfg.lexical_scale
     z = (x - mu) / sd
     weights = np.array([r.weight for r in records], dtype=np.float64)
     n_feat = z.shape[1]

@@ -99,3 +99,9 @@ def test_broken_artifacts_are_refused(small_artifact, tmp_path, damage):
         cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ArtifactError):
         Artifact.load(d)
+
+
+def test_cli_default_regularisation_matches_training():
+    from concilium.router.cli import TrainDefaults
+
+    assert TrainDefaults.c_quality == TrainConfig().c_quality

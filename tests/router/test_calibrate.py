@@ -44,8 +44,8 @@ def test_tier_target_and_extremes(setup):
     d, pol, bodies = setup
     cal = calibrate(d, pol, bodies, ["cheap", "big", "tiny"], "tier:frontier", 1.0, "min_cost")
     assert cal.target == ["big"]
-    # 100% is out of reach where the learned cheap model beats the frontier prior; the closest is chosen
-    assert cal.share == pytest.approx(max(s for _, s in cal.curve)) and 0.3 < cal.share < 1.0
+    # where 100% is out of reach (a cheaper model predicted better), the closest share is chosen
+    assert cal.share == pytest.approx(max(s for _, s in cal.curve)) and cal.share > 0.3
     cal = calibrate(d, pol, bodies, ["cheap", "dear"], "dear", 0.0, "tradeoff")
     assert cal.share == pytest.approx(0.0)
 
