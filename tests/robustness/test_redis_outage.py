@@ -55,7 +55,8 @@ def test_redis_killed_mid_load(upstream, tmp_path):
     upstream.default("cheap", {"delay_s": 0.02})
     try:
         job = httpx.post(gw.v1 + "/responses", headers=AUTH, timeout=30,
-                         json={"model": "cheap", "input": "a job accepted before the outage", "background": True})
+                         json={"model": "cheap", "input": "a job accepted before the outage", "background": True,
+                               "max_output_tokens": 5})
         assert job.status_code in (200, 202), job.text
         job_id = job.json()["id"]
 
@@ -66,7 +67,8 @@ def test_redis_killed_mid_load(upstream, tmp_path):
         redis.kill()
         killed_at = progress[0]
         refused = httpx.post(gw.v1 + "/responses", headers=AUTH, timeout=30,
-                             json={"model": "cheap", "input": "submitted during the outage", "background": True})
+                             json={"model": "cheap", "input": "submitted during the outage", "background": True,
+                                   "max_output_tokens": 5})
         _wait(lambda: progress[0] >= killed_at + N // 3, 60, "interactive traffic stalled while Redis was down")
         redis.restart()
         t.join(120)
@@ -76,11 +78,13 @@ def test_redis_killed_mid_load(upstream, tmp_path):
         # acknowledged before the outage: still there
         again = httpx.get(gw.v1 + f"/responses/{job_id}", headers=AUTH, timeout=30)
         assert again.status_code == 200 and again.json()["id"] == job_id
-        # every interactive request's spend reached Redis (settled during the outage: replayed)
-        _wait(lambda: _usage(gw.base_url)["scopes"][0]["spent_usd"]["day"] >= N * PER_REQUEST - 1e-9, 30,
+        # every interactive request's spend reached Redis (settled during the outage: replayed), plus the
+        # accepted job's reservation; the refused job was not charged
+        spend = (N + 1) * PER_REQUEST
+        _wait(lambda: _usage(gw.base_url)["scopes"][0]["spent_usd"]["day"] >= spend - 1e-9, 30,
               "spend settled during the outage was not replayed into Redis")
         scope = _usage(gw.base_url)["scopes"][0]
-        assert scope["spent_usd"]["day"] == pytest.approx(N * PER_REQUEST)
+        assert scope["spent_usd"]["day"] == pytest.approx(spend)
         assert "degraded" not in _usage(gw.base_url)
         assert refused.status_code == 503, refused.text
         assert "job queue is unavailable" in refused.json()["error"]["message"]
