@@ -18,7 +18,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from concilium.policy.loader import MAX_POLICY_BYTES, PolicyError, format_loc
+from concilium.policy.loader import PolicyError, format_loc, read_text_file
 from concilium.policy.loader import _safe_yaml as safe_yaml
 from concilium.policy.schema import Policy
 
@@ -219,14 +219,7 @@ def check_references(keys: KeysSection, model_names: set[str], route_names: set[
 def load_key_file(path: str | Path) -> KeysSection:
     """A key file is YAML with one top-level `keys:` list, in the same format as the policy's."""
     p = Path(path)
-    try:
-        if p.stat().st_size > MAX_POLICY_BYTES:
-            raise PolicyError(str(p), [("", f"file is larger than {MAX_POLICY_BYTES} bytes")])
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PolicyError(str(p), [("", "file not found")]) from None
-    except UnicodeDecodeError as e:
-        raise PolicyError(str(p), [("", f"not UTF-8 text: {e.reason} at byte {e.start}")]) from None
+    text = read_text_file(p)
     try:
         data = safe_yaml(text) if text.strip() else {}
     except ValueError as e:

@@ -116,14 +116,18 @@ def parse_policy(text: str, file: str = "<string>") -> Policy:
 MAX_POLICY_BYTES = 1 << 20
 
 
-def load_policy(path: str | os.PathLike[str]) -> Policy:
+def read_text_file(path: str | os.PathLike[str]) -> str:
+    """A policy-like file's text, refusing a missing, oversized or non-UTF-8 file with a PolicyError."""
     p = Path(path)
     try:
         if p.stat().st_size > MAX_POLICY_BYTES:
             raise PolicyError(str(p), [("", f"file is larger than {MAX_POLICY_BYTES} bytes")])
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PolicyError(str(p), [("", "file not found")]) from None
     except UnicodeDecodeError as e:
         raise PolicyError(str(p), [("", f"not UTF-8 text: {e.reason} at byte {e.start}")]) from None
-    return parse_policy(text, str(p))
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    return parse_policy(read_text_file(path), str(path))
