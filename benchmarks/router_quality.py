@@ -271,6 +271,9 @@ def print_categories(res: dict) -> None:
     log("\nShipped artifact on labelled prompts it never saw: category accuracy, Spearman(difficulty, label)")
     log(f"{'set':<28}{'n':>6}{'cat. acc.':>11}{'diff. rho':>11}  predicted categories")
     for name, r in res.items():
+        if r["n"] == 0:
+            log(f"{name:<28}{0:>6}  (every prompt of this set is in the training data)")
+            continue
         acc = f"{r['category_accuracy']:.3f}" if "category_accuracy" in r else "-"
         rho = f"{r['difficulty_spearman']:.3f}" if "difficulty_spearman" in r else "-"
         top = ", ".join(f"{c} {n}" for c, n in list(r["predicted"].items())[:4])
@@ -287,7 +290,10 @@ PROMPT_200 = (
     "database tables, which indexes I need for listing a customer's recent orders quickly, how to keep the "
     "total consistent when two requests update the same order at the same time, and how to write the "
     "endpoint that marks an order as shipped so that it is safe to retry. Show the SQL for the tables and a "
-    "short example of the transaction in Python, and point out the mistakes people usually make here."
+    "short example of the transaction in Python, and point out the mistakes people usually make here. We run "
+    "two replicas of the service behind a load balancer, use SQLAlchemy 2.0 with asyncpg, and expect about "
+    "fifty orders per second at peak, so please also say whether row-level locks or optimistic concurrency "
+    "with a version column is the better fit, and how to test the race in CI."
 )
 
 

@@ -125,7 +125,8 @@ class MiniLMEmbedder:
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(minilm_path()), device=device)
-        self.dim = int(self.model.get_sentence_embedding_dimension() or 384)
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim() or 384)
 
     def encode(self, text: str) -> np.ndarray:
         return self.encode_batch([text])[0]

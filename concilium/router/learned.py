@@ -132,7 +132,7 @@ class Dispatcher:
             q = prediction.quality.get(name)
             if q is None:
                 q = prior_quality(spec, prediction.category_probs, prediction.difficulty or 0.5)
-            items.append((name, float(q), est_cost(spec, n_in, n_out)))
+            items.append((name, float(q), round(est_cost(spec, n_in, n_out), 10)))
         return apply_objective(items, policy.router.objective)
 
 
