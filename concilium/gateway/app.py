@@ -115,7 +115,12 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
     async def route(request: Request) -> Response:
         body = await read_json(request)
         validate(RouteRequest, body)
-        plan = plan_request(state.current, body, request_id(request))
+        snap = state.current
+        plan = plan_request(snap, body, request_id(request))
+        guard = getattr(app.state, "guard", None)
+        if guard is not None and guard.active:  # a dry run obeys the key's model and route allow-lists
+            _, allowed = guard.check_access(request, body, plan, snap, {})
+            plan = plan.model_copy(update={"candidates": allowed})
         return Response(plan.model_dump_json(), media_type="application/json")
 
     @app.get("/v1/models", summary="The policy's models and the router's virtual models")

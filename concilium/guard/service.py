@@ -198,9 +198,9 @@ class Guard:
             await self._store.close()
 
     # -- admission ----------------------------------------------------------------------------------
-    async def admit(self, request: Any, body: dict[str, Any], plan: RoutePlan, snap: Any,
-                    headers: dict[str, str]) -> tuple[Ticket, RoutePlan]:
-        """Check access and reserve; raise APIError 401/403/429. May narrow the plan's candidates."""
+    def check_access(self, request: Any, body: dict[str, Any], plan: RoutePlan, snap: Any,
+                     headers: dict[str, str]) -> tuple[Key, list[Any]]:
+        """The caller's key and the candidates it may use; APIError 401/403 otherwise."""
         key: Key | None = request.scope.get("state", {}).get(STATE_KEY)
         if key is None:
             raise APIError(401, "missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key",
@@ -220,6 +220,13 @@ class Guard:
                 raise APIError(403, "none of the models this request may reach ("
                                + ", ".join(c.model for c in plan.candidates) + ") is allowed for this key",
                                code="model_not_allowed", param="model", headers=headers)
+        return key, candidates
+
+    async def admit(self, request: Any, body: dict[str, Any], plan: RoutePlan, snap: Any,
+                    headers: dict[str, str]) -> tuple[Ticket, RoutePlan]:
+        """Check access and reserve; raise APIError 401/403/429. May narrow the plan's candidates."""
+        key, candidates = self.check_access(request, body, plan, snap, headers)
+        e = key.entry
         prompt = prompt_tokens_bound(len(await request.body()))
         asked = body.get("max_completion_tokens") or body.get("max_tokens")
         out = asked if isinstance(asked, int) and asked > 0 else e.default_max_tokens

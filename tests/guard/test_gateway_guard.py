@@ -93,6 +93,26 @@ def test_model_access(gw, upstream):
     assert r.headers["x-concilium-model"] == "cheap"
 
 
+def test_route_dry_run_obeys_the_keys_allow_list(gw, upstream):
+    def dry_run(key, model):
+        req = urllib.request.Request(gw.v1 + "/route", method="POST", headers={
+            "authorization": f"Bearer {key}", "content-type": "application/json"},
+            data=json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode())
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    status, body = dry_run(BOB, "concilium/auto")
+    assert status == 403 and "may not use model 'concilium/auto'" in body["error"]["message"]
+    status, plan = dry_run(BOB, "cheap")
+    assert status == 200 and [c["model"] for c in plan["candidates"]] == ["cheap"]  # not the fallback
+    status, plan = dry_run(DAVE, "cheap")
+    assert status == 200 and [c["model"] for c in plan["candidates"]] == ["cheap", "private"]
+    assert upstream.stats()["requests"] == 0
+
+
 def test_rate_limit_answers_429_with_retry_after(gw, upstream):
     codes = []
     for _ in range(4):
