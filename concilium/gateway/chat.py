@@ -179,15 +179,30 @@ async def _stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot,
     if handle.attempts:
         metrics.fallbacks.labels(plan.route).inc()
     want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    finished = False
+
+    async def finish(status: str, usage: dict | None) -> None:
+        """Close the upstream, record and settle once: from the relay, or when the response ends
+        before the relay ever ran (a client gone before the first byte)."""
+        nonlocal finished
+        if finished:
+            return
+        finished = True
+        await call._aclose(handle.rest)
+        metrics.record(handle.model, plan.route, status, time.perf_counter() - t0, usage,
+                       snap.cost_usd(handle.model, usage))
+        if ticket is not None:
+            ticket.done(handle.model, usage, status)
+
     return EventStreamResponse(
-        _relay(handle, plan, snap, metrics, want_usage, t0, ticket),
+        _relay(handle, want_usage, finish),
         media_type="text/event-stream",
         headers={**plan_headers(plan, handle.model), "cache-control": "no-cache"},
+        on_close=lambda: finish("cancelled", None),
     )
 
 
-async def _relay(handle: call.StreamHandle, plan: RoutePlan, snap: Snapshot, metrics: Any,
-                 want_usage: bool, t0: float, ticket: Any = None) -> AsyncIterator[bytes]:
+async def _relay(handle: call.StreamHandle, want_usage: bool, finish: Any) -> AsyncIterator[bytes]:
     usage: dict | None = None
     status = "ok"
     # Events that arrived together leave together: while the provider says the next event is already
@@ -221,8 +236,4 @@ async def _relay(handle: call.StreamHandle, plan: RoutePlan, snap: Snapshot, met
         status = "cancelled"
         raise
     finally:
-        await call._aclose(handle.rest)
-        metrics.record(handle.model, plan.route, status, time.perf_counter() - t0, usage,
-                       snap.cost_usd(handle.model, usage))
-        if ticket is not None:
-            ticket.done(handle.model, usage, status)
+        await finish(status, usage)

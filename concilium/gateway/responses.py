@@ -10,13 +10,26 @@ upstream call is closed), is unchanged.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 
 class EventStreamResponse(StreamingResponse):
+    def __init__(self, *args: Any, on_close: Callable[[], Awaitable[None]] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.on_close = on_close  # runs when the response ends, however it ends
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._respond(scope, receive, send)
+        finally:
+            if self.on_close is not None:
+                await self.on_close()
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         spec = scope.get("asgi", {}).get("spec_version", "2.0")
         if scope["type"] != "http" or tuple(map(int, spec.split("."))) >= (2, 4):
             return await super().__call__(scope, receive, send)

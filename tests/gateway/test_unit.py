@@ -132,3 +132,28 @@ async def test_retry_after_is_honoured_or_skips():
     assert call.backoff_delay(retry, 0, 60.0) is None  # longer than retry_after_max_s: fall back now
     d = call.backoff_delay(retry, 3, None)
     assert 0 < d <= retry.backoff_max_s * 1.5
+
+
+async def test_stream_cleanup_runs_when_the_client_leaves_before_the_first_byte():
+    import asyncio
+
+    from concilium.gateway.responses import EventStreamResponse
+
+    started, closed = [], []
+
+    async def body():
+        started.append(True)
+        yield b"data: {}\n\n"
+
+    async def on_close():
+        closed.append(True)
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        await asyncio.sleep(0.5)  # the client is gone while the response head is still being sent
+
+    resp = EventStreamResponse(body(), media_type="text/event-stream", on_close=on_close)
+    await resp({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+    assert closed == [True] and started == []  # the body never ran, the cleanup did
