@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Routing and the expert MLP have no CPU-specific shortcut: the kernels' references are the CPU path.
+from concilium.kernels.fused_moe import fused_moe_torch as fused_moe  # noqa: F401
+from concilium.kernels.router_topk import router_topk_torch as router_topk  # noqa: F401
+
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
@@ -111,51 +115,3 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         enable_gqa=k.shape[1] != q.shape[1],
     )
     return out.squeeze(0).transpose(0, 1)
-
-
-def router_topk(
-    logits: torch.Tensor, k: int, scoring: str = "softmax", renormalize: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k experts per token: (weights [T,k] fp32, ids [T,k] int32)."""
-    if scoring == "softmax":
-        probs = torch.softmax(logits.float(), dim=-1)
-    elif scoring == "sigmoid":
-        probs = torch.sigmoid(logits.float())
-    else:
-        raise ValueError(f"unknown router scoring {scoring!r}")
-    weights, ids = torch.topk(probs, k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids.to(torch.int32)
-
-
-def fused_moe(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    activation: str = "silu",
-) -> torch.Tensor:
-    """sum_k w_k * down_e(silu(gate_e(x)) * up_e(x)) with w13 = [gate; up] stacked per expert."""
-    if activation != "silu":
-        raise ValueError(f"unsupported activation {activation!r}")
-    n_tokens, k = topk_ids.shape
-    inter = w2.shape[2]
-    flat = topk_ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
-    flat_w = topk_weights.reshape(-1)
-    out = torch.zeros_like(x)
-    start = 0
-    for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        idx = order[start : start + c]
-        start += c
-        tok = idx // k
-        h = F.linear(x[tok], w13[e])
-        h = F.silu(h[:, :inter]) * h[:, inter:]
-        h = F.linear(h, w2[e]) * flat_w[idx, None].to(x.dtype)
-        out.index_add_(0, tok, h)
-    return out
