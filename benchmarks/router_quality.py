@@ -5,8 +5,10 @@
    kNN on embeddings, ours (the dispatcher's training pipeline on the fold's training part), oracle.
 2. AIQ on LLMRouter's 9-model test split (trained on its train split minus any test prompt) for
    every single model, the random mix, kNN, ours and the oracle.
-3. Category accuracy and difficulty correlation of the shipped default artifact on labelled prompt
-   sets it never saw (Arena-Hard v2, HumanEval, MATH, GSM8K train, WizardLM).
+3. Category accuracy and difficulty correlation on labelled prompts the artifact never saw (the
+   held-out halves of Arena-Hard v2 and MATH, which the shipped artifact trains on half of; HumanEval,
+   GSM8K train and WizardLM whole), for the shipped artifact beside one trained in the same run
+   without the labelled sets; prompt length as the difficulty baseline.
 4. Latency of `decide()` with the shipped artifact for a 200-token prompt (p50/p99), its parts, and
    the artifact's load time; with --minilm also the full MiniLM transformer as the embedder
    (quality and latency), the alternative the static embedder was chosen over.
@@ -18,7 +20,6 @@ Prints tables; writes benchmarks/results/router_quality.json and router_quality_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,9 +39,11 @@ from _common import RESULTS_DIR, git_commit, machine_info, versions, write_json 
 from concilium.router import converters as conv  # noqa: E402
 from concilium.router import metrics as M  # noqa: E402
 from concilium.router.artifact import Artifact  # noqa: E402
-from concilium.router.categories import ARENA_HARD, CATEGORIES  # noqa: E402
+from concilium.router.build import default_records  # noqa: E402
+from concilium.router.categories import CATEGORIES  # noqa: E402
 from concilium.router.evaluate import plot  # noqa: E402
 from concilium.router.features import lexical_matrix  # noqa: E402
+from concilium.router.labelled import half, read_labelled  # noqa: E402
 from concilium.router.learned import DEFAULT_ARTIFACT, Dispatcher  # noqa: E402
 from concilium.router.outcomes import Outcome, prompt_key  # noqa: E402
 from concilium.router.predictor import Predictor  # noqa: E402
@@ -219,65 +222,86 @@ def print_aiq(res: dict) -> None:
 # ----------------------------------------------------------------------------- 3. category / difficulty
 
 
-def labelled_sets(data: Path, exclude: set[str]) -> dict[str, list[tuple[str, str | None, float | None]]]:
-    """name -> [(prompt, category or None, difficulty label or None)], prompts seen in training dropped."""
+# Labelled sets the shipped artifact learns from: only their "test" half (labelled.split_of) is scored.
+TRAINED_HALVES = ("arena-hard", "math")
+
+
+def labelled_sets(data: Path, exclude: set[str]) -> dict[str, list[Outcome]]:
+    """name -> labelled prompts the artifact never saw: the "test" half of the sets it trains on, the
+    whole of the others; any prompt in `exclude` (its training prompts) dropped."""
     p = data / "prompts"
-    out: dict[str, list] = {}
-
-    def jl(path: Path) -> list[dict]:
-        return [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
-
-    out["arena-hard-v2"] = [(q["prompt"], ARENA_HARD.get(q.get("subcategory", "")), None)
-                            for q in jl(p / "arena_hard_v2" / "question.jsonl")]
-    import gzip
-
-    with gzip.open(p / "humaneval" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as f:
-        out["humaneval"] = [(json.loads(line)["prompt"], "code", None) for line in f if line.strip()]
-    out["math (levels 1-5)"] = [(q["problem"], "math", float(q["level"].split()[-1]) if "Level" in q["level"] else None)
-                                for q in jl(p / "math" / "test.jsonl")]
-    out["gsm8k train"] = [(q["question"], "math", None) for q in jl(p / "gsm8k" / "train.jsonl")[:1000]]
-    wiz = {"Math": "math", "Code Generation": "code", "Code Debug": "code", "Writting": "creative",
-           "Reasoning": "reasoning", "Roleplay": "chat", "Academic Writing": "creative"}
-    out["wizardlm (difficulty 1-10)"] = [(q["Instruction"], wiz.get(q["Skill"]), float(q["Difficulty"]))
-                                         for q in jl(p / "wizardlm" / "WizardLM_testset.jsonl")]
-    return {k: [t for t in v if prompt_key(t[0]) not in exclude] for k, v in out.items()}
+    files = {
+        "arena-hard": ("arena-hard-v2 (test half)", p / "arena_hard_v2" / "question.jsonl"),
+        "math": ("math levels 1-5 (test half)", p / "math" / "test.jsonl"),
+        "humaneval": ("humaneval", p / "humaneval" / "HumanEval.jsonl.gz"),
+        "gsm8k": ("gsm8k train (1 in 8)", p / "gsm8k" / "train.jsonl"),
+        "wizardlm": ("wizardlm (difficulty 1-10)", p / "wizardlm" / "WizardLM_testset.jsonl"),
+    }
+    out: dict[str, list[Outcome]] = {}
+    for source, (name, path) in files.items():
+        recs = read_labelled(source, path)
+        if source in TRAINED_HALVES:
+            recs = half(recs, "test")
+        if source == "gsm8k":
+            recs = recs[::8]
+        out[name] = [r for r in recs if prompt_key(r.prompt) not in exclude]
+    return out
 
 
-def category_table(art: Artifact, sets: dict) -> dict:
+def category_table(arts: dict[str, Artifact], sets: dict[str, list[Outcome]]) -> dict:
+    """Per set: category accuracy and Spearman(predicted difficulty, label) of each artifact, and of
+    prompt length as the difficulty baseline."""
     from scipy.stats import spearmanr
 
-    pred = Predictor(art)
-    res = {}
+    res: dict = {}
     for name, items in sets.items():
-        texts = [t for t, _, _ in items]
-        _, cat, dif = pred.forward_batch(pred.features_batch(texts))
-        guess = [art.categories[i] for i in cat.argmax(1)]
-        labelled = [(g, c) for g, (_, c, _) in zip(guess, items, strict=True) if c is not None]
-        row: dict = {"n": len(items)}
-        if labelled:
-            row["category_accuracy"] = float(np.mean([g == c for g, c in labelled]))
-            row["n_labelled"] = len(labelled)
-        levels = [(d, lv) for d, (_, _, lv) in zip(dif @ np.array([0.0, 0.5, 1.0]), items, strict=True) if lv is not None]
-        if len(levels) > 10:
-            rho = spearmanr([a for a, _ in levels], [b for _, b in levels]).statistic
-            row["difficulty_spearman"] = float(rho)
-        counts = {c: guess.count(c) for c in CATEGORIES if guess.count(c)}
-        row["predicted"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+        row: dict = {"n": len(items), "n_labelled": sum(r.category is not None for r in items), "routers": {}}
+        levels = [r.difficulty for r in items]
+        with_level = [i for i, lv in enumerate(levels) if lv is not None]
+        if len(with_level) > 10:
+            rho = spearmanr([len(items[i].prompt) for i in with_level], [levels[i] for i in with_level]).statistic
+            row["length_difficulty_spearman"] = float(rho)
+        for label, art in arts.items():
+            if not items:
+                continue
+            pred = Predictor(art)
+            _, cat, dif = pred.forward_batch(pred.features_batch([r.prompt for r in items]))
+            guess = [art.categories[i] for i in cat.argmax(1)]
+            r: dict = {}
+            labelled = [(g, it.category) for g, it in zip(guess, items, strict=True) if it.category is not None]
+            if labelled:
+                r["category_accuracy"] = float(np.mean([g == c for g, c in labelled]))
+            if len(with_level) > 10:
+                d = dif @ np.array([0.0, 0.5, 1.0])
+                r["difficulty_spearman"] = float(spearmanr(d[with_level], [levels[i] for i in with_level]).statistic)
+            counts = {c: guess.count(c) for c in CATEGORIES if guess.count(c)}
+            r["predicted"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+            row["routers"][label] = r
         res[name] = row
     return res
 
 
 def print_categories(res: dict) -> None:
-    log("\nShipped artifact on labelled prompts it never saw: category accuracy, Spearman(difficulty, label)")
-    log(f"{'set':<28}{'n':>6}{'cat. acc.':>11}{'diff. rho':>11}  predicted categories")
-    for name, r in res.items():
-        if r["n"] == 0:
-            log(f"{name:<28}{0:>6}  (every prompt of this set is in the training data)")
+    labels = list(next(iter(v["routers"] for v in res.values() if v["routers"])))
+    log("\nCategory accuracy and Spearman(predicted difficulty, label) on labelled prompts the artifact never saw")
+    head = f"{'set':<30}{'n':>5}" + "".join(f"{lab[:22]:>24}" for lab in labels) + f"{'length':>10}"
+    log(head)
+    log(f"{'':<35}" + "".join(f"{'acc.':>12}{'diff. rho':>12}" for _ in labels) + f"{'diff. rho':>10}")
+    for name, row in res.items():
+        if row["n"] == 0:
+            log(f"{name:<30}{0:>5}  (every prompt of this set is in the training data)")
             continue
-        acc = f"{r['category_accuracy']:.3f}" if "category_accuracy" in r else "-"
-        rho = f"{r['difficulty_spearman']:.3f}" if "difficulty_spearman" in r else "-"
-        top = ", ".join(f"{c} {n}" for c, n in list(r["predicted"].items())[:4])
-        log(f"{name:<28}{r['n']:>6}{acc:>11}{rho:>11}  {top}")
+        line = f"{name:<30}{row['n']:>5}"
+        for lab in labels:
+            r = row["routers"][lab]
+            acc = f"{r['category_accuracy']:.3f}" if "category_accuracy" in r else "-"
+            rho = f"{r['difficulty_spearman']:.3f}" if "difficulty_spearman" in r else "-"
+            line += f"{acc:>12}{rho:>12}"
+        ln = row.get("length_difficulty_spearman")
+        log(line + (f"{ln:>10.3f}" if ln is not None else f"{'-':>10}"))
+    for lab in labels:
+        log(f"  {lab}: predicted categories, arena-hard: "
+            + ", ".join(f"{c} {n}" for c, n in list(next(iter(res.values()))["routers"][lab]["predicted"].items())[:4]))
 
 
 # ----------------------------------------------------------------------------- 4. latency
@@ -409,8 +433,13 @@ def main() -> int:
     aiq, aiq_rep = aiq_table(llm_train, llm_test, feats)
     print_aiq(aiq)
 
-    seen = {prompt_key(x.prompt) for x in gsm8k + mmlu + llm_train + llm_test}
-    cats = category_table(art, labelled_sets(data, seen))
+    log("\ntraining an artifact without the labelled prompt sets, for comparison ...")
+    recs_lab, aliases, _ = default_records(data, labelled=True)
+    recs_nolab, _, _ = default_records(data, labelled=False)
+    no_lab, _ = train(recs_nolab, EMBEDDER, TrainConfig(), aliases)
+    seen = {prompt_key(x.prompt) for x in recs_lab}
+    arts = {"shipped artifact": art, "same, no labelled sets": no_lab}
+    cats = category_table(arts, labelled_sets(data, seen))
     print_categories(cats)
 
     iters = 400 if args.quick else 3000

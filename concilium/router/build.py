@@ -12,15 +12,19 @@ import logging
 from pathlib import Path
 
 from concilium.router import converters as conv
+from concilium.router.labelled import half, read_labelled
 from concilium.router.outcomes import Outcome, file_sha256, read_outcomes
 from concilium.router.train import TrainConfig, load_embedder, train
 
 log = logging.getLogger(__name__)
 SEED = Path(__file__).resolve().parent / "seed" / "seed_prompts.jsonl"
 SEED_WEIGHT = 3.0
+# Labelled prompt sets: (source, path under data/prompts, training weight). Real user prompts count
+# like the seed prompts; MATH levels are the only explicit difficulty labels.
+LABELLED = (("arena-hard", "arena_hard_v2/question.jsonl", 3.0), ("math", "math/test.jsonl", 3.0))
 
 
-def default_records(data: Path) -> tuple[list[Outcome], dict[str, list[str]], list[Path]]:
+def default_records(data: Path, labelled: bool = True) -> tuple[list[Outcome], dict[str, list[str]], list[Path]]:
     r = data / "routing"
     files = [
         r / "routellm" / "gsm8k_responses.csv",
@@ -32,6 +36,8 @@ def default_records(data: Path) -> tuple[list[Outcome], dict[str, list[str]], li
         r / "routellm" / "mt_bench" / "judgements.jsonl",
         SEED,
     ]
+    if labelled:
+        files += [data / "prompts" / rel for _, rel, _ in LABELLED]
     missing = [str(f) for f in files if not f.is_file()]
     if missing or not (r / "routellm" / "mmlu").is_dir():
         raise ValueError(f"public data not found under {data}: missing {', '.join(missing) or 'routellm/mmlu'}")
@@ -44,6 +50,12 @@ def default_records(data: Path) -> tuple[list[Outcome], dict[str, list[str]], li
     for rec in seed:  # a few hundred hand-written, chat-style prompts beside ~21k benchmark prompts
         rec.weight = SEED_WEIGHT
     records += seed
+    if labelled:
+        for source, rel, weight in LABELLED:
+            recs = half(read_labelled(source, data / "prompts" / rel), "train")
+            for rec in recs:
+                rec.weight = weight
+            records += recs
     aliases = {m: [a] for m, a in conv.llmrouter_aliases(files[5]).items() if a != m}
     files += sorted((r / "routellm" / "mmlu").glob("*.csv"))
     return records, aliases, files
@@ -60,7 +72,8 @@ def build_default(data: Path, out: Path, distill: bool = False, clusters: int = 
         embedder = load_embedder(embedder_dir)
     meta = {
         "data": {
-            "licenses": "RouteLLM Apache-2.0, LLMRouter MIT, project seed prompts",
+            "licenses": "RouteLLM Apache-2.0, LLMRouter MIT, Arena-Hard v2 Apache-2.0 (train half), "
+                        "MATH MIT (train half), project seed prompts",
             "files": file_sha256(files),
             "n_records": len(records),
         },

@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="router_command", required=True)
 
     c = sub.add_parser("convert", help="convert a public routing data set to outcome JSONL")
-    c.add_argument("source", help="routellm-gsm8k | routellm-mmlu | routellm-mt-bench | llmrouter | routerdc")
+    c.add_argument("source", help="outcomes: routellm-gsm8k | routellm-mmlu | routellm-mt-bench | llmrouter | routerdc; "
+                   "labelled prompts: mt-bench | arena-hard | math | gsm8k | humaneval | wizardlm")
     c.add_argument("path", help="the published file or folder (see docs/router.md)")
     c.add_argument("--out", required=True, help="output JSONL file")
     c.add_argument("--keep-contaminated", action="store_true", help="keep RouteLLM's contaminated prompts")

@@ -1,7 +1,9 @@
 """Converters from the public routing data sets to outcome records (see `outcomes.py`).
 
 Each converter reads the files exactly as published and returns `Outcome`s with the upstream
-model names unchanged. `concilium router convert SOURCE PATH --out FILE` writes them as JSONL.
+model names unchanged; the labelled prompt sets (category / difficulty labels, no outcomes) are read
+by `labelled.py` under the same `convert`. `concilium router convert SOURCE PATH --out FILE` writes
+them as JSONL.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from concilium.router import categories as cat
+from concilium.router.labelled import LABELLED_SOURCES, read_labelled
 from concilium.router.outcomes import Outcome, OutcomeError, drop_prompts, iter_jsonl, prompt_key
 
 # Characters per token, for estimates where the data has no token counts.
@@ -199,6 +202,8 @@ def convert(source: str, path: str | Path, drop_contaminated: bool = True) -> li
         q = p.parent / f"query_{split}.jsonl"
         c = p.parent / "llm_candidates.json"
         return llmrouter(p, q if q.is_file() else None, c if c.is_file() else None)
+    elif source in LABELLED_SOURCES:
+        return read_labelled(source, p)
     else:
         return routerdc(p)
     if drop_contaminated and bad.is_file():
@@ -206,4 +211,4 @@ def convert(source: str, path: str | Path, drop_contaminated: bool = True) -> li
     return recs
 
 
-SOURCES = ("routellm-gsm8k", "routellm-mmlu", "routellm-mt-bench", "llmrouter", "routerdc")
+SOURCES = ("routellm-gsm8k", "routellm-mmlu", "routellm-mt-bench", "llmrouter", "routerdc", *LABELLED_SOURCES)

@@ -7,8 +7,11 @@ embedding + lexical features), standardised once:
   success and 1 - s of a failure;
 - category: multinomial over `CATEGORIES`, rare classes up-weighted (1/sqrt(count)); a category with no example gets a
   constant large negative bias (never predicted);
-- difficulty: multinomial over easy / medium / hard, from the record's `difficulty` label or, if it
-  has none, 1 - its mean score over the models that answered it.
+- difficulty: multinomial over easy / medium / hard. When any record carries an explicit
+  `difficulty` label, the head learns from those labels only; otherwise from 1 - each record's mean
+  score over the models that answered it. Outcome-derived difficulty mixes "hard to recall"
+  (short trivia that small models miss) with "hard to do": on WizardLM's 1-10 ratings it
+  correlates negatively, while MATH's level labels transfer (see docs/router.md).
 
 Output length per category is the median of the records' `output_tokens` where at least
 `MIN_LENGTH_RECORDS` records of that category carry one, else a documented default.
@@ -49,7 +52,8 @@ ABSENT_CLASS_BIAS = -20.0
 class TrainConfig:
     c_quality: float = 0.001  # inverse regularisation strength (scikit-learn's C) on standardised features
     c_category: float = 0.01
-    c_difficulty: float = 1.0
+    c_difficulty: float = 1.0  # difficulty from outcomes
+    c_difficulty_labels: float = 0.01  # difficulty from explicit labels (few, so more regularised)
     max_iter: int = 3000
     min_records_per_model: int = 20
     difficulty_edges: tuple[float, float] = (1 / 3, 2 / 3)
@@ -65,12 +69,13 @@ class TrainReport:
     skipped_models: dict[str, int] = field(default_factory=dict)  # too few records
     categories: dict[str, int] = field(default_factory=dict)
     difficulty: dict[str, int] = field(default_factory=dict)
+    difficulty_from: str = "outcomes"  # or "labels"
 
 
-def difficulty_target(r: Outcome) -> float | None:
+def difficulty_target(r: Outcome, labels_only: bool = False) -> float | None:
     if r.difficulty is not None:
         return r.difficulty
-    if r.scores:
+    if r.scores and not labels_only:
         return 1.0 - float(np.mean(list(r.scores.values())))
     return None
 
@@ -205,14 +210,17 @@ def train(
     # Difficulty head.
     d_rows, d_y = [], []
     lo, hi = cfg.difficulty_edges
+    labels_only = any(r.difficulty is not None for r in records)
+    report.difficulty_from = "labels" if labels_only else "outcomes"
     for i, r in enumerate(records):
-        t = difficulty_target(r)
+        t = difficulty_target(r, labels_only)
         if t is not None:
             d_rows.append(i)
             d_y.append(0 if t < lo else (1 if t < hi else 2))
     d_y_arr = np.array(d_y, dtype=int)
     dif_w, dif_b = fit_multiclass_head(
-        z[d_rows] if d_rows else np.zeros((0, n_feat)), d_y_arr, weights[d_rows], 3, cfg.c_difficulty, cfg.max_iter,
+        z[d_rows] if d_rows else np.zeros((0, n_feat)), d_y_arr, weights[d_rows], 3,
+        cfg.c_difficulty_labels if labels_only else cfg.c_difficulty, cfg.max_iter,
         balanced=False,
     )
     report.difficulty = {lab: int((d_y_arr == i).sum()) for i, lab in enumerate(DIFFICULTY_LABELS)}
