@@ -4,7 +4,8 @@
    GPT-4, contaminated prompts dropped) for: random, prompt length, TF-IDF + logistic regression,
    kNN on embeddings, ours (the dispatcher's training pipeline on the fold's training part), oracle.
 2. AIQ on LLMRouter's 9-model test split (trained on its train split minus any test prompt) for
-   every single model, the random mix, kNN, ours and the oracle.
+   every single model, the random mix, kNN, ours and the oracle; and on RouterDC's 7 models (one a
+   math specialist) the mean score of the chosen model per test task, in- and out-of-distribution.
 3. Category accuracy and difficulty correlation on labelled prompts the artifact never saw (the
    held-out halves of Arena-Hard v2 and MATH, which the shipped artifact trains on half of; HumanEval,
    GSM8K train and WizardLM whole), for the shipped artifact beside one trained in the same run
@@ -217,6 +218,72 @@ def print_aiq(res: dict) -> None:
     log(f"{'router / model':<36}{'cost of best point':>20}{'quality':>9}{'AIQ':>8}")
     for name, r in sorted(res["rows"].items(), key=lambda kv: (kv[1]["kind"] != "single", -kv[1]["aiq"])):
         log(f"{name:<36}{r['cost']:>20.3e}{r['quality']:>9.3f}{r['aiq']:>8.3f}")
+
+
+# ----------------------------------------------------------------------------- 2b. RouterDC
+
+
+ROUTERDC_OOD = ("MATH_prealgebra", "mbpp", "ceval", "javascript")  # test-only tasks (no train file)
+
+
+def routerdc_table(folder: Path, feats: dict[str, Featuriser]) -> dict:
+    """RouterDC's 7 open 7B models (one a math specialist): train on its *train files, pick the model
+    with the highest predicted quality for each test prompt, report the mean score per task.
+    In-distribution tasks have a train file; the ROUTERDC_OOD tasks have none. Research data with no
+    stated license: evaluated here, never shipped."""
+    recs = conv.convert("routerdc", folder)
+    task = {r.id: r.source.removeprefix("routerdc-") for r in recs}  # type: ignore[union-attr]
+    is_train = [t.endswith(("_train", "-train")) for t in (task[r.id] for r in recs)]
+    test = [r for r, tr in zip(recs, is_train, strict=True) if not tr]
+    banned = {prompt_key(r.prompt) for r in test}
+    train_recs = [r for r, tr in zip(recs, is_train, strict=True) if tr and prompt_key(r.prompt) not in banned]
+    models = list(test[0].scores)
+    names = [task[r.id].removesuffix("_test").removesuffix("-test") for r in test]
+    tasks = list(dict.fromkeys(names))
+    q = np.array([[r.scores[m] for m in models] for r in test])
+    y_tr = np.array([[r.scores[m] for m in models] for r in train_recs])
+    choices: dict[str, np.ndarray] = {}
+    for j, m in enumerate(models):
+        choices[m] = np.full(len(test), j)
+    for k, f in feats.items():
+        tr_texts, te_texts = [r.prompt for r in train_recs], [r.prompt for r in test]
+        x_tr, x_te = f.features(tr_texts), f.features(te_texts)
+        dim = f.embed(te_texts[:1]).shape[1]
+        choices[f"kNN-{KNN_K} ({k})"] = knn_scores(x_tr[:, :dim], y_tr, x_te[:, :dim]).argmax(1)
+        choices[f"ours ({k})"] = ours_quality(train_recs, x_tr, x_te, models).argmax(1)
+    rows: dict[str, dict] = {}
+    idx = {t: np.array([i for i, n in enumerate(names) if n == t]) for t in tasks}
+    for name, pick in choices.items():
+        got = q[np.arange(len(test)), pick]
+        per = {t: float(got[ii].mean()) for t, ii in idx.items()}
+        ind = [t for t in tasks if t not in ROUTERDC_OOD]
+        ood = [t for t in tasks if t in ROUTERDC_OOD]
+        rows[name] = {"kind": "single" if name in models else "router", "tasks": per,
+                      "mean_in_dist": float(np.mean([per[t] for t in ind])),
+                      "mean_ood": float(np.mean([per[t] for t in ood])) if ood else None,
+                      "share": {m.split("/")[-1]: float(np.mean(pick == j)) for j, m in enumerate(models)}}
+    best = q.max(1)
+    per = {t: float(best[ii].mean()) for t, ii in idx.items()}
+    rows["oracle"] = {"kind": "oracle", "tasks": per,
+                      "mean_in_dist": float(np.mean([per[t] for t in tasks if t not in ROUTERDC_OOD])),
+                      "mean_ood": float(np.mean([per[t] for t in tasks if t in ROUTERDC_OOD]))}
+    return {"n_train": len(train_recs), "n_test": len(test), "tasks": tasks, "rows": rows}
+
+
+def print_routerdc(res: dict) -> None:
+    log(f"\nRouterDC 7 models: mean score of the chosen model per test task (trained on {res['n_train']} "
+        f"*train prompts; {res['n_test']} test prompts; OOD = tasks with no train file)")
+    short = {t: t.replace("MATH_prealgebra", "prealg").replace("arc_challenge", "arc-c").replace("arc_easy", "arc-e")
+             .replace("humaneval", "h-eval").replace("javascript", "js")[:7] for t in res["tasks"]}
+    log(f"{'router / model':<34}" + "".join(f"{short[t]:>8}" for t in res["tasks"]) + f"{'ID mean':>9}{'OOD mean':>9}")
+    rows = sorted(res["rows"].items(), key=lambda kv: ({"single": 0, "router": 1, "oracle": 2}[kv[1]["kind"]],
+                                                       kv[1]["mean_in_dist"]))
+    for name, r in rows:
+        log(f"{name.split('/')[-1][:33]:<34}" + "".join(f"{r['tasks'][t]:>8.3f}" for t in res["tasks"])
+            + f"{r['mean_in_dist']:>9.3f}{r['mean_ood']:>9.3f}")
+    for name, r in rows:
+        if r["kind"] == "router":
+            log(f"  {name} picks: " + ", ".join(f"{m} {v:.0%}" for m, v in r["share"].items() if v >= 0.01))
 
 
 # ----------------------------------------------------------------------------- 3. category / difficulty
@@ -433,6 +500,9 @@ def main() -> int:
     aiq, aiq_rep = aiq_table(llm_train, llm_test, feats)
     print_aiq(aiq)
 
+    rdc = routerdc_table(r / "routerdc", feats)
+    print_routerdc(rdc)
+
     log("\ntraining an artifact without the labelled prompt sets, for comparison ...")
     recs_lab, aliases, _ = default_records(data, labelled=True)
     recs_nolab, _, _ = default_records(data, labelled=False)
@@ -459,7 +529,7 @@ def main() -> int:
             f"ratio to the static embedder p50: {m['p50_ms'] / lat['parts']['embed (static)']['p50_ms']:.0f}x")
 
     out = Path(args.out)
-    result = {**meta, "apgr": apgr, "aiq": aiq, "categories": cats, "latency": lat,
+    result = {**meta, "apgr": apgr, "aiq": aiq, "routerdc": rdc, "categories": cats, "latency": lat,
               "wall_s": round(time.time() - started, 1)}
     write_json(out, result)
     stem = out.with_suffix("")
