@@ -2,7 +2,9 @@
 
 1. APGR (5-fold cross-validation, per-fold mean +- std) on RouteLLM GSM8K and MMLU (Mixtral-8x7B vs
    GPT-4, contaminated prompts dropped) for: random, prompt length, TF-IDF + logistic regression,
-   kNN on embeddings, ours (the dispatcher's training pipeline on the fold's training part), oracle.
+   kNN on embeddings, ours (the dispatcher's training pipeline on the fold's training part), oracle;
+   and, as a reference that no router can have, ranking by the mean score RouterDC's seven 7B
+   models got on the same prompt.
 2. AIQ on LLMRouter's 9-model test split (trained on its train split minus any test prompt) for
    every single model, the random mix, kNN, ours and the oracle; and on RouterDC's 7 models (one a
    math specialist) the mean score of the chosen model per test task, in- and out-of-distribution.
@@ -51,6 +53,7 @@ from concilium.router.predictor import Predictor  # noqa: E402
 from concilium.router.train import TrainConfig, train  # noqa: E402
 
 KNN_K = 50
+REF_ROW = "ref: 7 other models' mean*"
 FOLDS = 5
 SEED = 0
 
@@ -119,7 +122,20 @@ def ours_quality(train_recs: list[Outcome], x_train: np.ndarray, x_test: np.ndar
 # ----------------------------------------------------------------------------- 1. APGR
 
 
-def apgr_table(name: str, recs: list[Outcome], feats: dict[str, Featuriser], quick: bool) -> dict:
+def routerdc_mean_scores(folder: Path) -> dict[str, float]:
+    """prompt key -> mean score of RouterDC's seven 7B models on that prompt (RouterDC writes MMLU
+    prompts without RouteLLM's trailing 'Answer:'). A reference for how much per-prompt difficulty
+    signal exists, not a router: at routing time nobody knows how seven other models did."""
+    return {_ref_key(r.prompt): float(np.mean(list(r.scores.values()))) for r in conv.convert("routerdc", folder)}
+
+
+def _ref_key(prompt: str) -> str:
+    p = prompt.rstrip()
+    return prompt_key(p.removesuffix("Answer:"))
+
+
+def apgr_table(name: str, recs: list[Outcome], feats: dict[str, Featuriser], quick: bool,
+               reference: dict[str, float] | None = None) -> dict:
     from sklearn.model_selection import KFold
 
     W, S = conv.ROUTELLM_WEAK, conv.ROUTELLM_STRONG
@@ -132,6 +148,9 @@ def apgr_table(name: str, recs: list[Outcome], feats: dict[str, Featuriser], qui
     rng = np.random.default_rng(SEED)
     x_all = {k: f.features(texts) for k, f in feats.items()}
     rows: dict[str, list] = {}
+    ref = None
+    if reference:
+        ref = np.array([reference.get(_ref_key(t), np.nan) for t in texts])
 
     def add(router: str, score: np.ndarray, te: np.ndarray) -> None:
         c = M.two_model_curve(score, weak[te], strong[te])
@@ -154,13 +173,19 @@ def apgr_table(name: str, recs: list[Outcome], feats: dict[str, Featuriser], qui
             q = ours_quality([recs[i] for i in tr], x[tr], x[te], [W, S])
             add(f"ours ({k})", q[:, 1] - q[:, 0], te)
         add("oracle", M.oracle_scores(weak[te], strong[te]), te)
+        if ref is not None:
+            te_ref = te[~np.isnan(ref[te])]
+            add(REF_ROW, -ref[te_ref], te_ref)
     table = {}
     for router, vals in rows.items():
         a = np.array(vals)
         table[router] = {"apgr": float(a[:, 0].mean()), "apgr_std": float(a[:, 0].std()),
                          "cpt50": float(a[:, 1].mean()), "cpt80": float(a[:, 2].mean()), "folds": len(vals)}
-    return {"n": len(recs), "quality_weak": float(weak.mean()), "quality_strong": float(strong.mean()),
-            "routers": table}
+    out = {"n": len(recs), "quality_weak": float(weak.mean()), "quality_strong": float(strong.mean()),
+           "routers": table}
+    if ref is not None:
+        out["n_reference"] = int((~np.isnan(ref)).sum())
+    return out
 
 
 def print_apgr(results: dict) -> None:
@@ -177,6 +202,11 @@ def print_apgr(results: dict) -> None:
         log(line)
     log("  ".join(f"{n}: n={results[n]['n']}, weak {results[n]['quality_weak']:.3f}, strong "
                   f"{results[n]['quality_strong']:.3f}" for n in names))
+    if REF_ROW in results[names[0]]["routers"]:
+        log("* not a router: routes by how RouterDC's seven 7B models actually scored on the same prompt (known "
+            "only after running them), on the prompts RouterDC also holds ("
+            + ", ".join(f"{n} {results[n].get('n_reference', 0)}" for n in names)
+            + "): how far per-prompt difficulty itself goes")
 
 
 # ----------------------------------------------------------------------------- 2. AIQ
@@ -492,7 +522,9 @@ def main() -> int:
     log("loading RouteLLM and LLMRouter outcomes ...")
     gsm8k = conv.convert("routellm-gsm8k", r / "routellm" / "gsm8k_responses.csv")
     mmlu = conv.convert("routellm-mmlu", r / "routellm" / "mmlu")
-    apgr = {"GSM8K": apgr_table("GSM8K", gsm8k, feats, args.quick), "MMLU": apgr_table("MMLU", mmlu, feats, args.quick)}
+    ref = routerdc_mean_scores(r / "routerdc")
+    apgr = {"GSM8K": apgr_table("GSM8K", gsm8k, feats, args.quick, ref),
+            "MMLU": apgr_table("MMLU", mmlu, feats, args.quick, ref)}
     print_apgr(apgr)
 
     llm_train = conv.convert("llmrouter", r / "llmrouter" / "dcrouter_train.json")

@@ -18,15 +18,13 @@ half, so that the shipped artifact can learn from one half of a set and be score
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from concilium.router import categories as cat
-from concilium.router.outcomes import Outcome, OutcomeError, prompt_key
+from concilium.router.outcomes import Outcome, OutcomeError, numbered_jsonl, prompt_key
 
 # WizardLM test-set skills -> category (skills not listed stay unlabelled for the category head).
 WIZARDLM_SKILLS: dict[str, str] = {
@@ -49,21 +47,10 @@ def split_of(prompt: str, test_share: float = 0.5) -> str:
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise OutcomeError(f"{path}:{n}: not JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise OutcomeError(f"{path}:{n}: expected a JSON object")
-                yield n, obj
-    except (OSError, EOFError) as e:
-        raise OutcomeError(f"{path}: cannot read ({e})") from None
+    for n, obj in numbered_jsonl(path):
+        if not isinstance(obj, dict):
+            raise OutcomeError(f"{path}:{n}: expected a JSON object")
+        yield n, obj
 
 
 def _field(obj: dict, key: str, where: str) -> Any:

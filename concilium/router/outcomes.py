@@ -14,6 +14,7 @@ training. Every other key is optional.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -105,20 +106,28 @@ def parse_outcome(obj: Any, where: str = "<record>") -> Outcome:
     )
 
 
+def numbered_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file (gzip if it ends in .gz);
+    errors name the file and line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise OutcomeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise OutcomeError(f"{path}: cannot read ({e})") from None
+
+
 def read_outcomes(path: str | Path) -> list[Outcome]:
     p = Path(path)
     if not p.is_file():
         raise OutcomeError(f"{p}: no such file")
-    out = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise OutcomeError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            out.append(parse_outcome(obj, f"{p}:{n}"))
+    out = [parse_outcome(obj, f"{p}:{n}") for n, obj in numbered_jsonl(p)]
     if not out:
         raise OutcomeError(f"{p}: no outcome records")
     return out

@@ -81,7 +81,7 @@ def test_bad_files_name_file_and_line(tmp_path, source, rows, msg):
 def test_not_json_and_unknown_source(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"problem": "a", "level": "Level 1"}\n{nope\n')
-    with pytest.raises(OutcomeError, match="x.jsonl:2: not JSON"):
+    with pytest.raises(OutcomeError, match="x.jsonl:2: not valid JSON"):
         read_labelled("math", p)
     with pytest.raises(OutcomeError, match="unknown labelled source"):
         read_labelled("poems", p)
