@@ -294,9 +294,10 @@ def routerdc_table(folder: Path, feats: dict[str, Featuriser]) -> dict:
                       "share": {m.split("/")[-1]: float(np.mean(pick == j)) for j, m in enumerate(models)}}
     best = q.max(1)
     per = {t: float(best[ii].mean()) for t, ii in idx.items()}
+    ood = [t for t in tasks if t in ROUTERDC_OOD]
     rows["oracle"] = {"kind": "oracle", "tasks": per,
                       "mean_in_dist": float(np.mean([per[t] for t in tasks if t not in ROUTERDC_OOD])),
-                      "mean_ood": float(np.mean([per[t] for t in tasks if t in ROUTERDC_OOD]))}
+                      "mean_ood": float(np.mean([per[t] for t in ood])) if ood else None}
     return {"n_train": len(train_recs), "n_test": len(test), "tasks": tasks, "rows": rows}
 
 
@@ -310,7 +311,7 @@ def print_routerdc(res: dict) -> None:
                                                        kv[1]["mean_in_dist"]))
     for name, r in rows:
         log(f"{name.split('/')[-1][:33]:<34}" + "".join(f"{r['tasks'][t]:>8.3f}" for t in res["tasks"])
-            + f"{r['mean_in_dist']:>9.3f}{r['mean_ood']:>9.3f}")
+            + f"{r['mean_in_dist']:>9.3f}" + (f"{r['mean_ood']:>9.3f}" if r["mean_ood"] is not None else f"{'-':>9}"))
     for name, r in rows:
         if r["kind"] == "router":
             log(f"  {name} picks: " + ", ".join(f"{m} {v:.0%}" for m, v in r["share"].items() if v >= 0.01))

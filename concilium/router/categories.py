@@ -34,7 +34,7 @@ MT_BENCH: dict[str, str] = {
     "humanities": "knowledge",
 }
 
-# Arena-Hard v2 subcategories (evaluation of the category head only).
+# Arena-Hard v2 subcategories (the shipped artifact trains on one hashed half, the benchmark scores the other).
 ARENA_HARD: dict[str, str] = {"coding": "code", "math": "math", "creative_writing": "creative"}
 
 _MMLU_MATH = ("mathematics", "algebra", "statistics", "econometrics")

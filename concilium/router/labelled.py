@@ -69,8 +69,11 @@ def _text(value: Any, where: str) -> str:
 
 def _level(value: Any, lo: int, hi: int, where: str) -> float | None:
     """'Level 3' / '3' / 3 -> 0..1 on [lo, hi]; unparsable levels ('Level ?') give None."""
-    s = str(value).split()[-1] if value is not None else ""
-    if not s.isdigit():
+    parts = str(value).split() if value is not None else []
+    s = parts[-1] if parts else ""
+    if s.startswith("-") and s[1:].isdigit():
+        raise OutcomeError(f"{where}: level {s} is outside {lo}..{hi}")
+    if not (s.isascii() and s.isdigit()):
         return None
     v = int(s)
     if not lo <= v <= hi:

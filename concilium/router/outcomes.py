@@ -39,7 +39,7 @@ class Outcome:
     id: str | None = None
     category: str | None = None
     source: str | None = None
-    difficulty: float | None = None  # an explicit 0..1 label; otherwise derived from scores
+    difficulty: float | None = None  # an explicit 0..1 label (see train.py for when scores stand in)
     output_tokens: dict[str, float] = field(default_factory=dict)
     weight: float = 1.0
 
@@ -111,15 +111,19 @@ def numbered_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     errors name the file and line."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with opener(path, "rb") as f:  # bytes, decoded line by line, so a bad byte names its line
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise OutcomeError(f"{path}:{n}: not UTF-8 ({e.reason})") from None
                 if not line.strip():
                     continue
                 try:
                     yield n, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise OutcomeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError) as e:
         raise OutcomeError(f"{path}: cannot read ({e})") from None
 
 

@@ -7,8 +7,9 @@ embedding + lexical features), standardised once:
   success and 1 - s of a failure;
 - category: multinomial over `CATEGORIES`, rare classes up-weighted (1/sqrt(count)); a category with no example gets a
   constant large negative bias (never predicted);
-- difficulty: multinomial over easy / medium / hard. When any record carries an explicit
-  `difficulty` label, the head learns from those labels only; otherwise from 1 - each record's mean
+- difficulty: multinomial over easy / medium / hard. When at least `min_difficulty_labels`
+  records carry an explicit `difficulty` label, spread over at least two of the three classes, the
+  head learns from those labels only; otherwise from the labels plus 1 - each other record's mean
   score over the models that answered it. Outcome-derived difficulty mixes "hard to recall"
   (short trivia that small models miss) with "hard to do": on WizardLM's 1-10 ratings it
   correlates negatively, while MATH's level labels transfer (see docs/router.md).
@@ -54,6 +55,7 @@ class TrainConfig:
     c_category: float = 0.01
     c_difficulty: float = 1.0  # difficulty from outcomes
     c_difficulty_labels: float = 0.01  # difficulty from explicit labels (few, so more regularised)
+    min_difficulty_labels: int = 50  # fewer explicit labels than this: they join the outcome-derived ones
     max_iter: int = 3000
     min_records_per_model: int = 20
     difficulty_edges: tuple[float, float] = (1 / 3, 2 / 3)
@@ -78,6 +80,16 @@ def difficulty_target(r: Outcome, labels_only: bool = False) -> float | None:
     if r.scores and not labels_only:
         return 1.0 - float(np.mean(list(r.scores.values())))
     return None
+
+
+def _difficulty_class(t: float, edges: tuple[float, float]) -> int:
+    return 0 if t < edges[0] else (1 if t < edges[1] else 2)
+
+
+def _enough_difficulty_labels(records: list[Outcome], cfg: TrainConfig) -> bool:
+    labels = [r.difficulty for r in records if r.difficulty is not None]
+    classes = {_difficulty_class(t, cfg.difficulty_edges) for t in labels}
+    return len(labels) >= cfg.min_difficulty_labels and len(classes) >= 2
 
 
 def _fit_logistic(z: np.ndarray, y: np.ndarray, w: np.ndarray, c: float, max_iter: int):
@@ -210,13 +222,14 @@ def train(
     # Difficulty head.
     d_rows, d_y = [], []
     lo, hi = cfg.difficulty_edges
-    labels_only = any(r.difficulty is not None for r in records)
+    labels_only = _enough_difficulty_labels(records, cfg)
     report.difficulty_from = "labels" if labels_only else "outcomes"
+    log.info("difficulty head trained from %s", report.difficulty_from)
     for i, r in enumerate(records):
         t = difficulty_target(r, labels_only)
         if t is not None:
             d_rows.append(i)
-            d_y.append(0 if t < lo else (1 if t < hi else 2))
+            d_y.append(_difficulty_class(t, (lo, hi)))
     d_y_arr = np.array(d_y, dtype=int)
     dif_w, dif_b = fit_multiclass_head(
         z[d_rows] if d_rows else np.zeros((0, n_feat)), d_y_arr, weights[d_rows], 3,

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from concilium.cli import main
-from concilium.router import converters as conv
 from concilium.router.labelled import half, read_labelled, split_of
 from concilium.router.outcomes import Outcome, OutcomeError, read_outcomes
 from concilium.router.predictor import Predictor
@@ -66,16 +65,34 @@ def test_each_reader_maps_labels(tmp_path):
     "source, rows, msg",
     [
         ("math", [{"level": "Level 2"}], r"math.jsonl:1: missing `problem`"),
-        ("math", [{"problem": "x", "level": "Level 9"}], "outside 1..5"),
-        ("arena-hard", [{"prompt": "", "subcategory": "math"}], "non-empty"),
-        ("mt-bench", [{"category": "writing", "turns": []}], "non-empty"),
-        ("arena-hard", [{"prompt": "hi", "subcategory": "nothing"}], "no labelled prompts"),
+        ("math", [{"problem": "x", "level": "Level 1"}, {"problem": "y", "level": "Level 9"}],
+         r"math.jsonl:2: level 9 is outside 1..5"),
+        ("math", [{"problem": "x", "level": "-3"}], r"math.jsonl:1: level -3 is outside 1..5"),
+        ("arena-hard", [{"prompt": "", "subcategory": "math"}], r"math.jsonl:1: the prompt must be a non-empty"),
+        ("mt-bench", [{"category": "writing", "turns": []}], r"math.jsonl:1: the prompt must be a non-empty"),
+        ("math", [[1, 2]], r"math.jsonl:1: expected a JSON object"),
+        ("arena-hard", [{"prompt": "hi", "subcategory": "nothing"}], "math.jsonl: no labelled prompts"),
     ],
 )
 def test_bad_files_name_file_and_line(tmp_path, source, rows, msg):
     p = _jsonl(tmp_path / "math.jsonl", rows)
     with pytest.raises(OutcomeError, match=msg):
         read_labelled(source, p)
+
+
+def test_levels_that_say_nothing_are_no_label(tmp_path):
+    p = _jsonl(tmp_path / "m.jsonl", [
+        {"problem": "a", "level": ""}, {"problem": "b", "level": "   "}, {"problem": "c", "level": "Level \u00b2"},
+        {"problem": "d"}, {"problem": "e", "level": 4},
+    ])
+    assert [r.difficulty for r in read_labelled("math", p)] == [None, None, None, None, 0.75]
+
+
+def test_not_utf8_names_the_line(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_bytes(b'{"problem": "a", "level": "Level 1"}\n{"problem": "\xff\xfe"}\n')
+    with pytest.raises(OutcomeError, match=r"m.jsonl:2: not UTF-8"):
+        read_labelled("math", p)
 
 
 def test_not_json_and_unknown_source(tmp_path):
@@ -108,7 +125,7 @@ def test_convert_cli_writes_labelled_records(tmp_path):
     assert main(["router", "convert", "math", str(src), "--out", str(out)]) == 0
     (r,) = read_outcomes(out)
     assert (r.prompt, r.category, r.difficulty, r.scores) == ("Find x.", "math", 0.5, {})
-    assert "math" in conv.SOURCES
+    assert main(["router", "convert", "poems", str(src), "--out", str(out)]) == 2
 
 
 def _difficulty_records(n: int, seed: int) -> list[Outcome]:
@@ -146,3 +163,15 @@ def test_explicit_difficulty_labels_win_over_outcomes():
     d_out, d_lab = hardness(art_out), hardness(art_lab)
     assert d_out[0] > d_out[1]  # learned from outcomes: short question "hard"
     assert d_lab[1] > d_lab[0]  # learned from the explicit labels: the long multi-step task is hard
+
+
+def test_a_few_difficulty_labels_do_not_take_over():
+    """Below `min_difficulty_labels` (or with one class only) the labels join the outcome-derived
+    targets instead of replacing them."""
+    emb = load_embedder(None)
+    outcomes = [Outcome(prompt=f"What is {i} plus {i + 1}?", scores={"m": float(i % 2)}) for i in range(80)]
+    few = _difficulty_records(10, 1)  # 20 labels, two classes
+    one_class = [Outcome(prompt=f"Sum {i} and {i}.", scores={}, difficulty=0.0) for i in range(60)]
+    assert train(outcomes + few, emb, TrainConfig())[1].difficulty_from == "outcomes"
+    assert train(outcomes + one_class, emb, TrainConfig())[1].difficulty_from == "outcomes"
+    assert train(outcomes + few, emb, TrainConfig(min_difficulty_labels=20))[1].difficulty_from == "labels"
