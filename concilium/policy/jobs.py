@@ -39,7 +39,7 @@ log = logging.getLogger("concilium.policy")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Divert(_Strict):

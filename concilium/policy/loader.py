@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from concilium.policy.schema import Policy, _PathError
+from concilium.policy.local_models import local_model_problem
+from concilium.policy.schema import ModelSpec, Policy, Route, RouterConfig, _PathError, reference_problems
 
 
 class PolicyError(Exception):
@@ -36,13 +37,13 @@ def format_loc(loc: tuple[str | int, ...]) -> str:
     return out
 
 
-def _problems(err: ValidationError) -> list[tuple[str, str]]:
+def _problems(err: ValidationError, at: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
     problems = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if p not in ("function-after[_references(), Policy]",))
+        loc = at + tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         ctx_err = (e.get("ctx") or {}).get("error")
         if isinstance(ctx_err, _PathError):
-            problems.append((format_loc(ctx_err.loc), ctx_err.msg))
+            problems += [(format_loc(loc + sub), msg) for sub, msg in ctx_err.problems]
             continue
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -74,27 +75,109 @@ def _expanded_size(node: yaml.Node, seen: dict[int, int]) -> int:
     return size
 
 
-def _safe_yaml(text: str) -> object:
+def _duplicate_keys(node: yaml.Node, loc: tuple[str | int, ...], seen: set[int],
+                    out: list[tuple[str, str]]) -> None:
+    """Every mapping key given twice (YAML would keep the last value silently)."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, child in enumerate(node.value):
+            _duplicate_keys(child, (*loc, i), seen, out)
+    elif isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            line = key.start_mark.line + 1
+            if (key.tag, key.value) in first_line:
+                first = first_line[key.tag, key.value]
+                where = f"line {line}" if first == line else f"lines {first} and {line}"
+                out.append((format_loc((*loc, key.value)),
+                            f"key given twice ({where}); YAML would silently keep only the last value"))
+            else:
+                first_line[key.tag, key.value] = line
+            _duplicate_keys(value, (*loc, key.value), seen, out)
+
+
+def _yaml_document(text: str) -> tuple[object, list[tuple[str, str]]]:
+    """The document and its duplicate keys; ValueError when aliases expand it past MAX_YAML_NODES."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
-        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+        if node is None:
+            return None, []
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
             raise ValueError(f"YAML aliases expand to more than {MAX_YAML_NODES} values")
-        return loader.construct_document(node) if node is not None else None
+        duplicates: list[tuple[str, str]] = []
+        _duplicate_keys(node, (), set(), duplicates)
+        return loader.construct_document(node), duplicates
     finally:
         loader.dispose()
 
 
-def _check_sections(policy: Policy, file: str) -> None:
+def _safe_yaml(text: str) -> object:
+    data, duplicates = _yaml_document(text)
+    if duplicates:
+        raise ValueError("; ".join(f"{path}: {msg}" for path, msg in duplicates))
+    return data
+
+
+def _section_problems(policy: Policy, file: str) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
     for target in SECTION_CHECKS:
         module, _, func = target.partition(":")
         if importlib.util.find_spec(module) is not None:
-            getattr(importlib.import_module(module), func)(policy, file)
+            try:
+                getattr(importlib.import_module(module), func)(policy, file)
+            except PolicyError as e:
+                problems += e.problems
+    return problems
+
+
+def _file_problems(policy: Policy) -> list[tuple[str, str]]:
+    """Checks against this machine: local model weights that are not where the policy says."""
+    problems = []
+    for name, spec in policy.models.items():
+        if spec is not None and spec.provider == "local" and (why := local_model_problem(spec.model)):
+            problems.append((format_loc(("models", name, "model")), why))
+    return problems
+
+
+def _salvage(data: dict) -> tuple[Policy, frozenset[int]]:
+    """The valid parts of a policy that failed validation, so the checks that build on them still
+    run (placeholders where a part is invalid) and one run reports every problem."""
+
+    def valid(model: type, value: object, default: object) -> object:
+        try:
+            return model.model_validate(value)
+        except ValidationError:
+            return default
+
+    raw_models = data.get("models") if isinstance(data.get("models"), dict) else {}
+    models = {name: valid(ModelSpec, spec, None) for name, spec in raw_models.items()}
+    raw_routes = data.get("routes") if isinstance(data.get("routes"), list) else []
+    routes, skip = [], set()
+    for i, raw in enumerate(raw_routes):
+        route = valid(Route, raw, None)
+        if route is None:
+            skip.add(i)
+            raw = raw if isinstance(raw, dict) else {}
+            names = {k: v if isinstance(v, list) and all(isinstance(x, str) for x in v) else []
+                     for k, v in raw.items() if k in ("targets", "fallbacks")}
+            name = raw.get("name") if isinstance(raw.get("name"), str) else f"<routes[{i}]>"
+            route = Route.model_construct(name=name, **{"targets": [], **names})
+        routes.append(route)
+    router = valid(RouterConfig, data.get("router", {}), RouterConfig())
+    sections = {k: data[k] for k, kind in (("jobs", dict), ("keys", list), ("privacy", dict))
+                if isinstance(data.get(k), kind)}
+    return Policy.model_construct(models=models, routes=routes, router=router, **sections), frozenset(skip)
 
 
 def parse_policy(text: str, file: str = "<string>") -> Policy:
+    """A validated Policy, or a PolicyError listing every problem found (not only the first)."""
     try:
-        data = _safe_yaml(text)
+        data, problems = _yaml_document(text)
     except ValueError as e:
         raise PolicyError(file, [("", str(e))]) from None
     except RecursionError:
@@ -108,8 +191,13 @@ def parse_policy(text: str, file: str = "<string>") -> Policy:
     try:
         policy = Policy.model_validate(data)
     except ValidationError as e:
-        raise PolicyError(file, _problems(e)) from None
-    _check_sections(policy, file)
+        problems += _problems(e)
+        policy, skip = _salvage(data)
+        problems += [(format_loc(loc), msg) for loc, msg in reference_problems(policy, skip)]
+    problems += _file_problems(policy)
+    problems += _section_problems(policy, file)
+    if problems:
+        raise PolicyError(file, list(dict.fromkeys(problems)))  # in file order of the checks, once each
     return policy
 
 
@@ -125,6 +213,11 @@ def read_text_file(path: str | os.PathLike[str]) -> str:
         return p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PolicyError(str(p), [("", "file not found")]) from None
+    except IsADirectoryError:
+        raise PolicyError(str(p), [("", "is a directory; expected a policy YAML file (to check every policy "
+                                        f"in it: concilium policy check {p}/*.yaml)")]) from None
+    except OSError as e:
+        raise PolicyError(str(p), [("", f"cannot be read: {e.strerror or e}")]) from None
     except UnicodeDecodeError as e:
         raise PolicyError(str(p), [("", f"not UTF-8 text: {e.reason} at byte {e.start}")]) from None
 

@@ -7,15 +7,42 @@ reports errors with the file and the key path.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ProviderKind = Literal["local", "openai", "litellm"]
 
+# The request categories the dispatcher predicts; `match.category` names some of them.
+CATEGORIES: tuple[str, ...] = ("code", "math", "reasoning", "knowledge", "creative", "chat", "extraction")
+
+# Sampling parameters a model may give defaults for (applied when the client omits them).
+DEFAULTABLE = ("temperature", "top_p", "max_tokens", "presence_penalty", "frequency_penalty", "seed", "stop")
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are refused; so are .inf and .nan, which no number in a policy can mean.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class SamplingDefaults(_Strict):
+    """Per-model request defaults, used only for the parameters the client leaves out."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: list[str] | None = Field(None, max_length=4)
+
+    def fill(self, body: dict[str, Any]) -> dict[str, Any]:
+        """`body` with these defaults added where it has no value; the same object if none applies."""
+        missing = {k: v for k, v in self.model_dump(exclude_none=True).items() if body.get(k) is None}
+        if "max_tokens" in missing and body.get("max_completion_tokens") is not None:
+            del missing["max_tokens"]  # the client bounded the answer under the newer name
+        return {**body, **missing} if missing else body
 
 
 class Price(_Strict):
@@ -36,9 +63,29 @@ class ModelSpec(_Strict):
     max_output_tokens: int | None = Field(None, gt=0)
     tags: list[str] = Field(default_factory=list)
     tier: Literal["small", "medium", "large", "frontier"] | None = None
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(None, gt=0)  # per attempt on this model, pinned or routed
+    # Models to try when a request pinned to this model fails (otherwise a pinned request has none).
+    fallbacks: list[str] = Field(default_factory=list)
+    # Sampling parameters used when a request leaves them out (e.g. the model card's temperature).
+    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     # Extra keyword arguments for the provider (e.g. litellm's api_version, local dtype/device).
     options: dict[str, object] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as e:
+            raise ValueError(f"expected an http:// or https:// URL, got {v!r} ({e})") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"expected an http:// or https:// URL such as https://api.openai.com/v1, got {v!r}")
+        if not parts.hostname:
+            raise ValueError(f"the URL {v!r} has no host")
+        return v
 
     @model_validator(mode="after")
     def _check_provider_fields(self) -> ModelSpec:
@@ -48,21 +95,51 @@ class ModelSpec(_Strict):
 
 
 class Range(_Strict):
+    """A predicted difficulty range, both ends within 0..1."""
+
     min: float | None = None
     max: float | None = None
+
+    @field_validator("min", "max")
+    @classmethod
+    def _unit(cls, v: float | None) -> float | None:
+        if v is not None and not 0 <= v <= 1:
+            raise ValueError(f"expected a difficulty between 0 and 1, got {v:g}")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}: no difficulty is in this range")
+        return self
 
 
 class Match(_Strict):
     """All given conditions must hold for the route to match."""
 
-    category: list[str] | None = None  # the router's predicted category is one of these
+    category: list[str] | None = Field(None, min_length=1)  # the router's predicted category is one of these
     difficulty: Range | None = None  # predicted difficulty 0..1 in range
-    model: list[str] | None = None  # the client asked for one of these (virtual) model names
+    model: list[str] | None = Field(None, min_length=1)  # the client asked for one of these virtual models
     metadata: dict[str, str] | None = None  # request `metadata` has these key/values
     tags: list[str] | None = None  # the request's `metadata.tags` includes all of these
     pii: bool | None = None  # the prompt does (true) / does not (false) contain PII
-    reasoning_effort: list[str] | None = None  # request reasoning_effort is one of these
+    reasoning_effort: list[str] | None = Field(None, min_length=1)  # request reasoning_effort is one of these
     background: bool | None = None  # the client asked for a background job
+
+    @field_validator("category")
+    @classmethod
+    def _known_categories(cls, v: list[str] | None) -> list[str] | None:
+        known = ", ".join(repr(k) for k in CATEGORIES)
+        unknown = [((i,), f"unknown category {c!r}; expected one of {known}")
+                   for i, c in enumerate(v or []) if c not in CATEGORIES]
+        if unknown:
+            raise _PathError(unknown)
+        return v
+
+    @property
+    def always(self) -> bool:
+        """True when no condition is set: the route takes every request that reaches it."""
+        return all(v is None or (k in ("metadata", "tags") and not v) for k, v in self.model_dump().items())
 
 
 class Route(_Strict):
@@ -85,6 +162,13 @@ class Retry(_Strict):
     backoff_s: float = Field(0.2, ge=0)
     backoff_max_s: float = Field(5.0, ge=0)
     retry_after_max_s: float = Field(10.0, ge=0)  # cap on an upstream's retry-after
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Retry:
+        if self.backoff_s > self.backoff_max_s:
+            raise _PathError([(("backoff_s",), f"{self.backoff_s:g} is above backoff_max_s "
+                               f"({self.backoff_max_s:g}), the cap on every wait")])
+        return self
 
 
 class CircuitBreaker(_Strict):
@@ -143,28 +227,55 @@ class Policy(_Strict):
 
     @model_validator(mode="after")
     def _references(self) -> Policy:
-        seen: set[str] = set()
-        for i, route in enumerate(self.routes):
-            if route.name in seen:
-                raise _PathError(("routes", i, "name"), f"duplicate route name {route.name!r}")
-            seen.add(route.name)
-            for field in ("targets", "fallbacks"):
-                for j, name in enumerate(getattr(route, field)):
-                    if name not in self.models:
-                        raise _PathError(
-                            ("routes", i, field, j),
-                            f"unknown model {name!r}; defined models: {', '.join(sorted(self.models))}",
-                        )
-        for vm in self.router.virtual_models:
-            if vm in self.models:
-                raise _PathError(("router", "virtual_models"), f"{vm!r} is also a model name")
+        problems = reference_problems(self)
+        if problems:
+            raise _PathError(problems)
         return self
 
 
-class _PathError(ValueError):
-    """A cross-reference error that knows where in the file it is."""
+def reference_problems(policy: Policy, skip: frozenset[int] = frozenset()) -> list[tuple[tuple, str]]:
+    """Every cross-reference problem: unknown or duplicate names, routes no request can reach.
+    `skip`: indices of routes that failed validation; a salvaged policy holds placeholders there, with
+    the name, targets and fallbacks that were well-formed."""
+    problems: list[tuple[tuple, str]] = []
+    models, virtual = policy.models, policy.router.virtual_models
+    seen: set[str] = set()
+    catch_all: int | None = None
+    for i, route in enumerate(policy.routes):
+        if route.name in seen and i not in skip:
+            problems.append((("routes", i, "name"), f"duplicate route name {route.name!r}"))
+        seen.add(route.name)
+        for field in ("targets", "fallbacks"):
+            for j, name in enumerate(getattr(route, field)):
+                if name not in models:
+                    problems.append((("routes", i, field, j),
+                                     f"unknown model {name!r}; defined models: {', '.join(sorted(models))}"))
+        for j, name in enumerate(route.match.model or []):
+            if name not in virtual:
+                why = "a request for a policy model is pinned to it and" if name in models else "it"
+                problems.append((("routes", i, "match", "model", j),
+                                 f"{name!r} is not one of router.virtual_models ({', '.join(virtual)}); "
+                                 f"{why} never reaches the routes"))
+        if catch_all is not None:
+            first = policy.routes[catch_all].name
+            problems.append((("routes", i), f"unreachable: route {first!r} (routes[{catch_all}]) matches every "
+                             "request before it; move this route above it or give that one a match"))
+        elif route.match.always and i not in skip:
+            catch_all = i
+    for name, spec in models.items():
+        for j, other in enumerate(spec.fallbacks if spec is not None else []):  # None: failed validation
+            if other not in models:
+                problems.append((("models", name, "fallbacks", j),
+                                 f"unknown model {other!r}; defined models: {', '.join(sorted(models))}"))
+    for vm in virtual:
+        if vm in models:
+            problems.append((("router", "virtual_models"), f"{vm!r} is also a model name"))
+    return problems
 
-    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
-        super().__init__(msg)
-        self.loc = loc
-        self.msg = msg
+
+class _PathError(ValueError):
+    """Problems that know where they are, relative to the object being validated: [(loc, message)]."""
+
+    def __init__(self, problems: list[tuple[tuple, str]]) -> None:
+        super().__init__("; ".join(msg for _, msg in problems))
+        self.problems = problems

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-CATEGORIES: tuple[str, ...] = ("code", "math", "reasoning", "knowledge", "creative", "chat", "extraction")
+from concilium.policy.schema import CATEGORIES as CATEGORIES  # the policy's vocabulary (`match.category`)
 
 # LLMRouter `task_name` -> category.
 LLMROUTER_TASKS: dict[str, str] = {

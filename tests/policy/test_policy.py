@@ -19,8 +19,10 @@ models:
   b: {provider: local, model: smollm2-135m-instruct}
 routes:
   - name: first
+    match: {category: [code]}
     targets: [a]
   - name: second
+    match: {difficulty: {min: 0.5}}
     targets: [b]
   - name: third
     targets: [a]
@@ -102,3 +104,80 @@ def test_policy_check_cli(tmp_path):
 def test_section_checks_name_the_key_path():
     err = _error(BASE + "jobs:\n  chat_wait_s: soon\n")
     assert err.problems[0][0] == "jobs.chat_wait_s" and "number" in err.problems[0][1]
+
+
+# Each case: (change to BASE, key path, words the message holds). All must be refused by `policy check`.
+REFUSED = {
+    "duplicate key": (("model: a}", "model: a, model: b}"), "models.a.model", "given twice"),
+    "duplicate section": (("version: 1", "version: 1\nretry: {attempts: 1}\nretry: {attempts: 3}"),
+                          "retry", "given twice"),
+    "unknown category": (("category: [code]", "category: [cod]"), "routes[0].match.category[0]", "'code'"),
+    "difficulty above 1": (("{min: 0.5}", "{min: 2, max: -1}"), "routes[1].match.difficulty.min", "between 0 and 1"),
+    "difficulty below 0": (("{min: 0.5}", "{min: 0.2, max: -1}"), "routes[1].match.difficulty.max",
+                           "between 0 and 1"),
+    "empty difficulty range": (("{min: 0.5}", "{min: 0.8, max: 0.2}"), "routes[1].match.difficulty",
+                               "min 0.8 is above max 0.2"),
+    "route after a catch-all": (("    match: {category: [code]}\n", ""), "routes[1]",
+                                "unreachable: route 'first' (routes[0]) matches every request"),
+    "local model path missing": (("model: smollm2-135m-instruct", "model: /nonexistent/model.gguf"),
+                                 "models.b.model", "does not exist"),
+    "base_url not a url": (('"http://127.0.0.1:1/v1"', '"not a url"'), "models.a.base_url", "http:// or https://"),
+    "base_url without host": (('"http://127.0.0.1:1/v1"', '"http://"'), "models.a.base_url", "host"),
+    "backoff above its cap": (("version: 1", "version: 1\nretry: {backoff_s: 10, backoff_max_s: 5}"),
+                              "retry.backoff_s", "above backoff_max_s (5)"),
+    "infinite timeout": (("fallbacks: [b]", "fallbacks: [b]\n    timeout_s: .inf"), "routes[2].timeout_s",
+                         "finite"),
+    "nan price": (("model: a}", "model: a, price: {input: .nan}}"), "models.a.price.input", "finite"),
+    "infinite job timeout": (("version: 1", "version: 1\njobs: {hard_timeout_s: .inf}"), "jobs.hard_timeout_s",
+                             "finite"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_named_cases_are_refused(name):
+    (old, new), path, words = REFUSED[name]
+    assert old in BASE
+    problems = dict(_error(BASE.replace(old, new, 1)).problems)
+    assert path in problems and words in problems[path], problems
+
+
+def test_existing_local_model_path_and_builtin_name_load(tmp_path):
+    weights = tmp_path / "tiny.gguf"
+    weights.write_bytes(b"GGUF")
+    assert parse_policy(BASE.replace("smollm2-135m-instruct", str(weights)))
+    assert parse_policy(BASE).models["b"].model == "smollm2-135m-instruct"
+
+
+def test_builtin_local_models_match_the_runtime():
+    from concilium.policy.local_models import BUILTIN_LOCAL_MODELS, local_model_path
+    from concilium.specialists.runtime.loader import BUILTIN_MODELS, resolve_model_path
+
+    assert BUILTIN_LOCAL_MODELS == BUILTIN_MODELS
+    for name in BUILTIN_MODELS:
+        assert local_model_path(name) == resolve_model_path(name)
+
+
+def test_all_problems_are_reported_at_once():
+    text = BASE.replace("model: a}", "model: a, model: a2, price: {input: cheap}}")  # duplicate + type
+    text = text.replace("targets: [b]", "targets: [nope]")  # a reference
+    text = text.replace("model: smollm2-135m-instruct", "model: /nonexistent/model.gguf")  # a file
+    text += "jobs:\n  chat_wait_s: soon\nkeys:\n  - {name: a, hash: ck-123}\n"  # sections
+    problems = dict(_error(text).problems)
+    assert set(problems) >= {"models.a.model", "models.a.price.input", "routes[1].targets[0]", "models.b.model",
+                             "jobs.chat_wait_s", "keys[0].hash"}, problems
+
+
+def test_every_reference_problem_is_reported():
+    text = BASE.replace("targets: [b]", "targets: [x]").replace("fallbacks: [b]", "fallbacks: [y]")
+    problems = dict(_error(text).problems)
+    assert "unknown model 'x'" in problems["routes[1].targets[0]"]
+    assert "unknown model 'y'" in problems["routes[2].fallbacks[0]"]
+
+
+def test_a_directory_is_refused(tmp_path):
+    with pytest.raises(PolicyError) as e:
+        load_policy(tmp_path)
+    assert str(tmp_path) in str(e.value) and "is a directory" in str(e.value)
+    out = subprocess.run([sys.executable, "-m", "concilium.cli", "policy", "check", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "is a directory" in out.stdout and "Traceback" not in out.stderr
