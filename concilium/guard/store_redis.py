@@ -14,19 +14,13 @@ Time comes from the gateway (seconds since the epoch); a bucket never refills ba
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import BusyLoadingError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
+from concilium.core.redis import DOWN, connect
 from concilium.guard.store import Charge, Denied, ScopeUsage, StoreUnavailable, Window
 from concilium.guard.store_memory import IN_FLIGHT_RETRY_S
 
 PREFIX = "concilium:guard:"
 _PER_SCOPE_KEYS = 6
-_DOWN = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
+_DOWN = (*DOWN, OSError)
 
 _COMMON = """
 local now = tonumber(ARGV[2])
@@ -155,9 +149,8 @@ def _opt(v: int | None, none: int) -> str:
 class RedisStore:
     def __init__(self, url: str, timeout_s: float = 0.5) -> None:
         self.url = url
-        self.redis = Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                    retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
-                                    decode_responses=True)
+        # No retries: a slow or absent Redis fails over to the in-process store at once.
+        self.redis = connect(url, timeout_s=timeout_s, decode_responses=True)
         self._reserve = self.redis.register_script(RESERVE)
         self._settle = self.redis.register_script(SETTLE)
         self._usage = self.redis.register_script(USAGE)

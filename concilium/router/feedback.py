@@ -135,9 +135,9 @@ class RedisFeedbackStore:
     kind = "redis"
 
     def __init__(self, url: str, stream: str = STREAM) -> None:
-        import redis.asyncio as aioredis
+        from concilium.core.redis import connect
 
-        self.client = aioredis.from_url(url)
+        self.client = connect(url)
         self.stream = stream
 
     async def append(self, fb: Feedback) -> None:

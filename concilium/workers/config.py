@@ -31,6 +31,8 @@ class JobsEnv(BaseSettings):
     kill_grace_s: float = Field(2.0, ge=0)
     # How long a worker's store operations keep retrying while Redis is unreachable (e.g. restarting).
     redis_retry_s: float = Field(30.0, ge=0)
+    # A job's event stream sends a keep-alive comment after this many seconds without an event.
+    keepalive_s: float = Field(15.0, gt=0)
     # How long a gateway request waits for an unreachable Redis before it answers 503.
     request_redis_retry_s: float = Field(2.0, ge=0)
 

@@ -138,15 +138,18 @@ class JobService:
         rec = await self.store.get(job_id)
         return rec if rec is not None and rec["owner"] == owner else None
 
-    async def events(self, job_id: str, after: int = -1, keepalive_s: float = 15.0) -> AsyncIterator[Event | None]:
+    async def events(self, job_id: str, after: int = -1, keepalive_s: float | None = None) -> AsyncIterator[Event | None]:
         """The job's events after `after`, as they come, up to its terminal event; None = no event
-        for `keepalive_s` (the caller sends a keep-alive)."""
+        for `keepalive_s` (the caller sends a keep-alive). A job that already ended ends at once."""
+        keepalive_s = self.env.keepalive_s if keepalive_s is None else keepalive_s
         while True:
-            batch = await self.store.read(job_id, after, block_s=keepalive_s)
+            batch = await self.store.read(job_id, after)
             if not batch:
                 rec = await self.store.get(job_id)
                 if rec is None or (rec["status"] in TERMINAL and rec["seq"] <= after):
                     return
+                batch = await self.store.read(job_id, after, block_s=keepalive_s)
+            if not batch:
                 yield None
                 continue
             for e in batch:
@@ -162,7 +165,7 @@ class JobService:
             return rec
         after, deadline = rec["seq"], time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            batch = await self.store.read(job_id, after, block_s=min(left, 5.0))
+            batch = await self.store.read(job_id, after, block_s=left)
             if any(e.type in TERMINAL_EVENT_TYPES for e in batch):
                 break
             if batch:

@@ -11,6 +11,8 @@ Keys (prefix P, `concilium:jobs:` by default):
   P active:<owner>    sorted set: the owner's queued and running jobs, scored by when they lapse
   P bills             stream: the billing ledger, one entry per ended job that used tokens
 A store operation that finds Redis unreachable retries (with backoff) for CONCILIUM_JOBS_REDIS_RETRY_S.
+Blocking reads wait in slices shorter than the client's read timeout (`concilium.core.redis`), so a
+stream may stay open for as long as its job runs.
 """
 
 from __future__ import annotations
@@ -21,13 +23,8 @@ import time
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from concilium.core.redis import DOWN, block_slices, connect, max_block_s
 from concilium.workers.store import (
     TERMINAL,
     CapExceeded,
@@ -140,25 +137,6 @@ redis.call('EXPIRE', KEYS[2], 86400)
 return 1
 """
 
-DOWN = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
-
-
-def _retries(retry_s: float, backoff: ExponentialBackoff) -> int:
-    """How many retries add up to about `retry_s` seconds of backoff."""
-    n, waited = 0, 0.0
-    while waited < retry_s:
-        n += 1
-        waited += backoff.compute(n)
-    return n
-
-
-def connect(url: str, retry_s: float = 30.0) -> Redis:
-    """A client that rides out a Redis restart: failed commands retry with backoff for ~retry_s."""
-    backoff = ExponentialBackoff(cap=0.5, base=0.05)
-    return Redis.from_url(url, socket_connect_timeout=2.0, health_check_interval=10,
-                          retry=Retry(backoff, _retries(retry_s, backoff)), retry_on_error=list(DOWN))
-
-
 def _guarded(method):
     """Redis unreachable (after the client's retries) -> StoreUnavailable, with what went wrong."""
     @functools.wraps(method)
@@ -180,8 +158,9 @@ def _pairs(events: list[NewEvent]) -> list[Any]:
 
 class RedisJobStore(JobStore):
     def __init__(self, url: str, prefix: str = "concilium:jobs:", retry_s: float = 30.0) -> None:
-        self.redis = connect(url, retry_s)
+        self.redis = connect(url, retry_s=retry_s)  # rides out a Redis restart
         self.p = prefix
+        self._max_block_s = max_block_s(self.redis)
         r = self.redis
         self._create, self._claim = r.register_script(_CREATE), r.register_script(_CLAIM)
         self._renew, self._append = r.register_script(_RENEW), r.register_script(_APPEND)
@@ -264,9 +243,12 @@ class RedisJobStore(JobStore):
 
     @_guarded
     async def read(self, job_id, after=-1, block_s=0.0, count=1000):
-        key = self._k(job_id) + ":ev"
-        block = int(block_s * 1000) if block_s > 0 else None
-        res = await self.redis.xread({key: f"0-{after + 1}"}, count=count, block=block)
+        streams = {self._k(job_id) + ":ev": f"0-{after + 1}"}
+        res = await self.redis.xread(streams, count=count)
+        for block in block_slices(block_s, self._max_block_s):
+            if res:
+                break
+            res = await self.redis.xread(streams, count=count, block=max(1, int(block * 1000)))
         if not res:
             return []
         out = []
@@ -286,9 +268,10 @@ class RedisJobStore(JobStore):
 
     @_guarded
     async def wait_cancel(self, job_id, timeout):
-        if timeout <= 0:
-            return await self.cancel_requested(job_id)
-        return await self.redis.blpop([self._k(job_id) + ":cancel"], timeout=timeout) is not None
+        for block in block_slices(timeout, self._max_block_s):
+            if await self.redis.blpop([self._k(job_id) + ":cancel"], timeout=max(0.01, round(block, 3))) is not None:
+                return True
+        return await self.cancel_requested(job_id) if timeout <= 0 else False
 
     @_guarded
     async def bills(self, job_id=None):

@@ -165,3 +165,45 @@ def test_event_json_keeps_its_bytes():
     from concilium.workers.store import with_seq
 
     assert orjson.loads(with_seq(b'{"type":"x","a":[]}', 7)) == {"sequence_number": 7, "type": "x", "a": []}
+
+
+@pytest.fixture
+async def redis_store():
+    prefix = f"test-store-{uuid.uuid4().hex[:8]}:"
+    s = RedisJobStore(SHARED_REDIS, prefix, retry_s=1)
+    yield s
+    await s.close()
+    r = redis.Redis.from_url(SHARED_REDIS)
+    keys = list(r.scan_iter(match=f"{prefix}*"))
+    if keys:
+        r.delete(*keys)
+
+
+async def test_a_read_may_block_longer_than_the_clients_read_timeout(redis_store):
+    """The client's read timeout is 5 s; a job's stream waits 15 s between keep-alives."""
+    job_id, _ = await _create(redis_store)
+    await redis_store.claim(job_id, "t1", "w1", 30, 3)
+    t0 = time.monotonic()
+    assert await redis_store.read(job_id, 1, block_s=6.5) == []  # nothing new: empty, not "unreachable"
+    assert time.monotonic() - t0 >= 6.4
+
+    async def later():
+        await asyncio.sleep(5.5)
+        await redis_store.append(job_id, "t1", [ev("response.output_text.delta", delta="late")])
+
+    task = asyncio.ensure_future(later())
+    got = await redis_store.read(job_id, 1, block_s=8)  # the event comes after the first 5 s slice
+    await task
+    assert [(e.seq, e.json()["delta"]) for e in got] == [(2, "late")]
+
+
+async def test_waiting_for_a_cancel_longer_than_the_read_timeout(redis_store):
+    job_id, _ = await _create(redis_store)
+
+    async def later():
+        await asyncio.sleep(5.5)
+        await redis_store.request_cancel(job_id)
+
+    task = asyncio.ensure_future(later())
+    assert await redis_store.wait_cancel(job_id, 8) is True
+    await task
