@@ -159,12 +159,14 @@ async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapsho
         metrics.requests.labels(plan.candidates[0].model, plan.route, "error").inc()
         raise _provider_error(e, plan) from None
     usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
+    # Built before it is counted: a response that cannot be built is a failure, not an "ok".
+    response = Response(orjson.dumps(result), media_type="application/json", headers=plan_headers(plan, model))
     metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, snap.cost_usd(model, usage))
     if ticket is not None:
         ticket.done(model, usage, "ok")
     if attempts:
         metrics.fallbacks.labels(plan.route).inc()
-    return Response(orjson.dumps(result), media_type="application/json", headers=plan_headers(plan, model))
+    return response
 
 
 async def _stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float,

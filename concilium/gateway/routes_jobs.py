@@ -27,7 +27,7 @@ from starlette.responses import Response, StreamingResponse
 
 from concilium.gateway.chat import no_candidates, plan_request, read_json, request_id
 from concilium.gateway.errors import APIError, error_response, sse_error
-from concilium.gateway.state import Snapshot, plan_headers
+from concilium.gateway.state import Snapshot, header_value, plan_headers
 from concilium.policy.jobs import jobs_config, parse_jobs
 from concilium.router.plan import RoutePlan
 from concilium.specialists.base import chunk, completion, sse_event
@@ -311,7 +311,7 @@ class ChatDiversion:
         out = completion("chatcmpl-" + job_id.removeprefix("resp_"), result.get("model") or model,
                          result.get("text") or "", _finish_reason(rec["status"]), _chat_usage(result.get("usage")),
                          created=rec["spec"]["response"]["created_at"])
-        return _json(out, headers={**headers, "x-concilium-model": result.get("model") or model})
+        return _json(out, headers={**headers, "x-concilium-model": header_value(str(result.get("model") or model))})
 
     async def _interactive(self, request: Request, body: dict[str, Any], plan: RoutePlan, snap: Snapshot) -> Response:
         from concilium.gateway import chat
