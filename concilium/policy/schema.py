@@ -17,9 +17,6 @@ ProviderKind = Literal["local", "openai", "litellm"]
 # The request categories the dispatcher predicts; `match.category` names some of them.
 CATEGORIES: tuple[str, ...] = ("code", "math", "reasoning", "knowledge", "creative", "chat", "extraction")
 
-# Sampling parameters a model may give defaults for (applied when the client omits them).
-DEFAULTABLE = ("temperature", "top_p", "max_tokens", "presence_penalty", "frequency_penalty", "seed", "stop")
-
 
 class _Strict(BaseModel):
     # Unknown keys are refused; so are .inf and .nan, which no number in a policy can mean.
@@ -38,8 +35,11 @@ class SamplingDefaults(_Strict):
     stop: list[str] | None = Field(None, max_length=4)
 
     def fill(self, body: dict[str, Any]) -> dict[str, Any]:
-        """`body` with these defaults added where it has no value; the same object if none applies."""
-        missing = {k: v for k, v in self.model_dump(exclude_none=True).items() if body.get(k) is None}
+        """`body` with these defaults added where it has no value (absent or null); the same object
+        when none applies, and the caller's body is never changed."""
+        if not self.model_fields_set:  # the common case: no defaults for this model
+            return body
+        missing = {k: v for k in self.model_fields_set if (v := getattr(self, k)) is not None and body.get(k) is None}
         if "max_tokens" in missing and body.get("max_completion_tokens") is not None:
             del missing["max_tokens"]  # the client bounded the answer under the newer name
         return {**body, **missing} if missing else body

@@ -95,11 +95,18 @@ async def _attempts(plan: RoutePlan, ctx: CallContext, run: Callable[[Provider],
     raise AllCandidatesFailed(attempts, last)
 
 
+def with_defaults(p: Provider, body: dict[str, Any]) -> dict[str, Any]:
+    """The body this candidate is sent: its policy `defaults` fill in what the client left out
+    (each model its own, so a fallback never inherits another model's defaults)."""
+    spec = getattr(p, "spec", None)  # test doubles may have none
+    return spec.defaults.fill(body) if spec is not None else body
+
+
 async def complete(plan: RoutePlan, body: dict[str, Any], ctx: CallContext) -> tuple[str, dict, list[Attempt]]:
     timeout = plan.timeout_s or 60.0
 
     async def run(p: Provider) -> dict:
-        return await p.complete(body, timeout=timeout)
+        return await p.complete(with_defaults(p, body), timeout=timeout)
 
     return await _attempts(plan, ctx, run)
 
@@ -139,7 +146,7 @@ async def stream(plan: RoutePlan, body: dict[str, Any], ctx: CallContext) -> Str
     timeout = plan.timeout_s or 60.0
 
     async def run(p: Provider) -> tuple[list[bytes], AsyncIterator[bytes]]:
-        return await _open(p, body, timeout)
+        return await _open(p, with_defaults(p, body), timeout)
 
     model, (first, rest), attempts = await _attempts(plan, ctx, run)
     return StreamHandle(model=model, first=first, rest=rest, attempts=attempts)

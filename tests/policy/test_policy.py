@@ -181,3 +181,20 @@ def test_a_directory_is_refused(tmp_path):
     out = subprocess.run([sys.executable, "-m", "concilium.cli", "policy", "check", str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "is a directory" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_model_defaults_schema():
+    pol = parse_policy(BASE.replace("model: a}", "model: a, defaults: {temperature: 0.2, top_p: 0.9}}"))
+    d = pol.models["a"].defaults
+    assert d.fill({"messages": []}) == {"messages": [], "temperature": 0.2, "top_p": 0.9}
+    assert d.fill({"temperature": 0, "top_p": None}) == {"temperature": 0, "top_p": 0.9}
+    plain = {"messages": []}
+    assert pol.models["b"].defaults.fill(plain) is plain  # no defaults: the request as it came
+    problems = dict(_error(BASE.replace("model: a}", "model: a, defaults: {temperature: 3, colour: 1}}")).problems)
+    assert "less than or equal to 2" in problems["models.a.defaults.temperature"]
+    assert "unknown key" in problems["models.a.defaults.colour"]
+
+
+def test_default_policy_samples_smollm2_as_its_model_card_suggests():
+    spec = load_policy(ROOT / "policies" / "default.yaml").models["smollm2"]
+    assert (spec.defaults.temperature, spec.defaults.top_p) == (0.2, 0.9)
