@@ -21,7 +21,7 @@ from concilium.guard import privacy
 from concilium.router.decide import DecisionError, decide
 from concilium.router.plan import RoutePlan
 from concilium.specialists import call
-from concilium.specialists.base import ProviderError
+from concilium.specialists.base import CONTEXT_LENGTH_EXCEEDED, ProviderError
 
 _DONE = b"data: [DONE]\n\n"
 
@@ -76,14 +76,19 @@ def plan_request(snap: Snapshot, body: dict[str, Any], rid: str) -> RoutePlan:
     pii = privacy.verdict(body, snap.policy, rid)  # None unless the policy routes on PII
     try:
         plan = decide(body, snap.policy, dispatcher=snap.dispatcher, availability=snap.availability,
-                      request_id=rid, pii=pii)
+                      windows=snap.context_limit, request_id=rid, pii=pii)
     except DecisionError as e:
-        raise APIError(e.status, e.message, code=e.code, param="model") from None
+        raise APIError(e.status, e.message, code=e.code, param=e.param) from None
     return privacy.restrict(plan, snap.policy, pii)
 
 
 def no_candidates(plan: RoutePlan) -> APIError:
     why = "; ".join(f"{s.model}: {s.reason}" for s in plan.skipped) or "the route lists no callable model"
+    if plan.route == "pinned":  # answered by that model or not at all, unless fallbacks were asked for
+        return APIError(503, f"the model {plan.requested_model!r} cannot answer this request right now ({why}); "
+                        "a request that names a model is answered by that model only: list other models in "
+                        "`fallbacks` (or `models`), or ask for a virtual model to let the router choose",
+                        code="model_unavailable", param="model", headers=plan_headers(plan))
     return APIError(503, f"no model can answer this request right now ({why})", code="no_available_model",
                     headers=plan_headers(plan))
 
@@ -91,6 +96,9 @@ def no_candidates(plan: RoutePlan) -> APIError:
 def _provider_error(e: ProviderError | call.AllCandidatesFailed, plan: RoutePlan) -> APIError:
     if isinstance(e, call.AllCandidatesFailed):
         last = e.last
+        if e.attempts and all(a.code == CONTEXT_LENGTH_EXCEEDED for a in e.attempts):
+            # every model tried said the prompt is too long: the request, not the models, must change
+            return APIError(400, str(e), code=CONTEXT_LENGTH_EXCEEDED, param="messages", headers=plan_headers(plan))
         status = 429 if last is not None and last.status == 429 else 502
         if last is not None and last.status == 504:
             status = 504

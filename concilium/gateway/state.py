@@ -51,6 +51,9 @@ class Snapshot:
     def availability(self, model: str) -> str | None:
         return self.registry.unavailable_reason(model) or self.ctx.breaker.open_reason(model)
 
+    def context_limit(self, model: str) -> int | None:
+        return self.registry.context_limit(model)
+
     def cost_usd(self, model: str, usage: dict | None) -> float | None:
         if not usage:
             return None

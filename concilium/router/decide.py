@@ -3,28 +3,38 @@
 One function turns a chat request into a ranked plan. Rules from the policy pick a route; when a
 learned dispatcher is loaded it supplies the prediction the rules match on, and it ranks the route's
 targets by the policy's objective. Models that cannot be called now (no API key, circuit open) are
-moved to `skipped` with the reason, never silently dropped.
+moved to `skipped` with the reason, never silently dropped; so are models whose context window cannot
+hold the prompt (estimated from its length, without tokenising) plus `max_tokens`.
+
+A request that names a policy model (pinned) is answered by that model or fails: it falls back only
+to the model's own `fallbacks` in the policy and those the request lists (`fallbacks`, or
+OpenRouter-style `models`). It takes no fallbacks, timeout or retries from the routes.
 """
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from concilium.policy.jobs import background_reason
 from concilium.policy.schema import Match, Policy, Route
+from concilium.router.objective import CHARS_PER_TOKEN, input_tokens, requested_output_tokens
 from concilium.router.plan import Candidate, Prediction, RoutePlan, Skipped
+from concilium.router.text import prompt_chars
 
 
 class DecisionError(Exception):
     """The request cannot be routed (unknown model, no route matches). Maps to a 4xx."""
 
-    def __init__(self, message: str, status: int = 400, code: str = "model_not_found") -> None:
+    def __init__(self, message: str, status: int = 400, code: str = "model_not_found",
+                 param: str | None = "model") -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
+        self.param = param
 
 
 class Dispatcher(Protocol):
@@ -37,6 +47,45 @@ class Dispatcher(Protocol):
 
 # Why a model cannot be called right now (None = callable); supplied by the provider registry.
 Availability = Callable[[str], "str | None"]
+# The context a model really serves, when it is less than the policy's context_window (None = as the
+# policy says); supplied by the provider registry (a local runtime's max_seq_len).
+Windows = Callable[[str], "int | None"]
+
+
+def _request_fallbacks(body: dict[str, Any], policy: Policy) -> list[str]:
+    """The models the request itself asks to fall back to: OpenRouter's `models`, then `fallbacks`."""
+    out: list[str] = []
+    for field in ("models", "fallbacks"):
+        names = body.get(field)
+        if names is None:
+            continue
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise DecisionError(f"{field!r} must be a list of model names", code="invalid_request", param=field)
+        for name in names:
+            if name in policy.router.virtual_models:
+                raise DecisionError(f"{field!r} names models to fall back to; {name!r} is a virtual model "
+                                    "(ask for it as `model` instead)", code="invalid_request", param=field)
+            if name not in policy.models:
+                raise DecisionError(f"The model {name!r} in {field!r} does not exist; available: "
+                                    f"{', '.join(sorted(policy.models))}", status=404, param=field)
+            out.append(name)
+    return out
+
+
+def context_need(body: dict[str, Any]) -> tuple[int, int]:
+    """(estimated prompt tokens, output tokens the request asks for) from lengths alone, in O(chars)
+    and without a tokenizer, so a huge prompt is refused before any model tokenises it."""
+    messages = body.get("messages")
+    n = len(messages) if isinstance(messages, list) else 1
+    return math.ceil(input_tokens(prompt_chars(body), n)), requested_output_tokens(body) or 0
+
+
+def _window_reason(prompt: int, out: int, window: int, declared: int) -> str:
+    what = f"the prompt (~{prompt} tokens, estimated at {CHARS_PER_TOKEN:g} characters per token)"
+    if out:
+        what += f" plus max_tokens {out}"
+    held = f"context window {window}" + (f" (the policy says {declared})" if window < declared else "")
+    return f"{what} does not fit its {held}"
 
 
 def _metadata(body: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +137,7 @@ def decide(
     *,
     dispatcher: Dispatcher | None = None,
     availability: Availability | None = None,
+    windows: Windows | None = None,
     request_id: str | None = None,
     pii: bool | None = None,
 ) -> RoutePlan:
@@ -98,16 +148,19 @@ def decide(
     rid = request_id or uuid.uuid4().hex
     reasons: list[str] = []
 
+    asked = _request_fallbacks(body, policy)
     if requested in policy.models:
-        route: Route | None = next((r for r in policy.routes if requested in r.targets[:1]), None)
+        # The first route listing the model decides only whether it runs as a background job.
+        base_route: Route | None = next((r for r in policy.routes if requested in r.targets[:1]), None)
+        timing: Route | None = None
         targets = [requested]
-        fallbacks = [f for f in (route.fallbacks if route else []) if f != requested]
+        fallbacks = [f for f in policy.models[requested].fallbacks + asked if f != requested]
         route_name, rule = "pinned", f"client asked for {requested}"
-        reasons.append(f"pinned: client asked for {requested}")
+        reasons.append(f"pinned: client asked for {requested}"
+                       + (f", fallbacks {', '.join(dict.fromkeys(fallbacks))}" if fallbacks else ", no fallbacks"))
         prediction = None
         ranked: list[tuple[str, float, float, str]] | None = None
         threshold = objective = None
-        base_route = route
     elif requested in policy.router.virtual_models:
         prediction = None
         if dispatcher is not None and _needs_prediction(policy):
@@ -121,7 +174,8 @@ def decide(
                                 status=400, code="no_route")
         route_name, rule = base_route.name, _describe(base_route.match)
         reasons.append(f"route {base_route.name}: {rule}")
-        targets, fallbacks = list(base_route.targets), list(base_route.fallbacks)
+        targets, fallbacks = list(base_route.targets), list(base_route.fallbacks) + asked
+        timing = base_route
         ranked, threshold, objective = None, None, None
         if prediction is not None and dispatcher is not None and base_route.rank and len(targets) > 1:
             ranked, threshold, objective = dispatcher.rank(targets, prediction, policy, body)
@@ -135,28 +189,52 @@ def decide(
         raise DecisionError(f"The model {requested!r} does not exist; available: {', '.join(known)}",
                             status=404, code="model_not_found")
 
+    route_timeout = timing.timeout_s if timing else None
+
+    def timeout_of(name: str) -> float | None:
+        """The model's own per-attempt limit, held to the route's when that is stricter."""
+        own = policy.models[name].timeout_s
+        return None if own is None else min(own, route_timeout) if route_timeout else own
+
     order: list[Candidate] = []
     if ranked:
         for name, q, cost, why in ranked:
-            order.append(Candidate(model=name, provider=policy.models[name].provider,
-                                   predicted_quality=q, est_cost_usd=cost, reason=why))
+            order.append(Candidate(model=name, provider=policy.models[name].provider, predicted_quality=q,
+                                   est_cost_usd=cost, timeout_s=timeout_of(name), reason=why))
     else:
         for name in targets:
             q = prediction.quality.get(name) if prediction else None
             order.append(Candidate(model=name, provider=policy.models[name].provider,
-                                   predicted_quality=q, reason="target"))
+                                   predicted_quality=q, timeout_s=timeout_of(name), reason="target"))
     seen = {c.model for c in order}
     for name in fallbacks:
         if name not in seen:
             seen.add(name)
             q = prediction.quality.get(name) if prediction else None
             order.append(Candidate(model=name, provider=policy.models[name].provider,
-                                   predicted_quality=q, reason="fallback"))
+                                   predicted_quality=q, timeout_s=timeout_of(name), reason="fallback"))
+
+    prompt_est, out_tokens = context_need(body)
+    too_long: dict[str, str] = {}
+    for c in order:
+        declared = policy.models[c.model].context_window
+        real = windows(c.model) if windows else None
+        window = min(declared, real) if real else declared
+        if prompt_est + max(out_tokens, 1) > window:
+            too_long[c.model] = _window_reason(prompt_est, out_tokens, window, declared)
+    if order and len(too_long) == len(order):
+        raise DecisionError(
+            f"the prompt (~{prompt_est} tokens, estimated at {CHARS_PER_TOKEN:g} characters per token)"
+            + (f" plus max_tokens {out_tokens}" if out_tokens else "")
+            + " fits no model this request may use: "
+            + "; ".join(f"{m}: {why.rsplit('its ', 1)[-1]}" for m, why in too_long.items())
+            + ". Shorten the messages or lower max_tokens",
+            status=400, code="context_length_exceeded", param="messages")
 
     callable_: list[Candidate] = []
     skipped: list[Skipped] = []
     for c in order:
-        why = availability(c.model) if availability else None
+        why = too_long.get(c.model) or (availability(c.model) if availability else None)
         if why:
             skipped.append(Skipped(model=c.model, reason=why))
         else:
@@ -166,8 +244,7 @@ def decide(
     if callable_:
         reasons.insert(0, f"chose {callable_[0].model}")
 
-    r = base_route
-    why_background = background_reason(body, policy, r, prediction)
+    why_background = background_reason(body, policy, base_route, prediction)
     mode = "background" if why_background else "interactive"
     if why_background:
         reasons.append(f"background: {why_background}")
@@ -183,7 +260,7 @@ def decide(
         rule=rule,
         objective=objective,
         threshold=threshold,
-        timeout_s=(r.timeout_s if r and r.timeout_s else None) or policy.limits.default_timeout_s,
-        retries=r.retries if r and r.retries is not None else policy.retry.attempts,
-        queue=(r.queue if r else None),
+        timeout_s=route_timeout or policy.limits.default_timeout_s,
+        retries=timing.retries if timing and timing.retries is not None else policy.retry.attempts,
+        queue=(base_route.queue if base_route else None),
     )

@@ -20,11 +20,12 @@ class Candidate(BaseModel):
     provider: str  # provider kind: local | openai | litellm
     predicted_quality: float | None = None  # P(answers well), 0..1, when a predictor ran
     est_cost_usd: float | None = None  # estimated cost of this request on this model
+    timeout_s: float | None = None  # per attempt on this model; None = the plan's timeout_s
     reason: str = ""  # why it is here (route target, fallback, ranked by objective, ...)
 
 
 class Skipped(BaseModel):
-    """A model the plan would have used but cannot call now, and why."""
+    """A model the plan would have used but cannot call (no key, circuit open, prompt too long), and why."""
 
     model: str
     reason: str

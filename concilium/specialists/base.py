@@ -19,6 +19,10 @@ import orjson
 from concilium.policy.schema import ModelSpec
 
 
+# The OpenAI error code for a prompt longer than the model's context: another model may still take it.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
 class ProviderError(Exception):
     """A failed call. `retryable` errors are retried and then fall back down the plan."""
 
@@ -64,6 +68,11 @@ class Provider(ABC):
 
     def unavailable_reason(self) -> str | None:
         """Why this provider cannot be called right now (e.g. its API key is not set), or None."""
+        return None
+
+    def context_limit(self) -> int | None:
+        """Tokens of context this provider really serves when it is fewer than the policy's
+        `context_window` (a local runtime's preallocated cache), or None."""
         return None
 
     async def start(self) -> None:

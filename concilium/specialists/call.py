@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from concilium.policy.schema import Retry
-from concilium.router.plan import RoutePlan
+from concilium.router.plan import Candidate, RoutePlan
 from concilium.specialists.base import Provider, ProviderError
 from concilium.specialists.health import CircuitBreaker
 
@@ -27,6 +27,7 @@ class Attempt:
     model: str
     error: str
     status: int
+    code: str | None = None
 
 
 @dataclass
@@ -63,8 +64,16 @@ def backoff_delay(retry: Retry, attempt: int, retry_after: float | None) -> floa
     return base * random.uniform(0.5, 1.5)
 
 
-async def _attempts(plan: RoutePlan, ctx: CallContext, run: Callable[[Provider], Any]) -> Any:
-    """Shared retry/fallback loop; `run(provider)` returns the result or raises ProviderError."""
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def attempt_timeout(plan: RoutePlan, cand: Candidate) -> float:
+    """Seconds one attempt on this candidate may take: its own limit, else the plan's."""
+    return cand.timeout_s or plan.timeout_s or DEFAULT_TIMEOUT_S
+
+
+async def _attempts(plan: RoutePlan, ctx: CallContext, run: Callable[[Provider, float], Any]) -> Any:
+    """Shared retry/fallback loop; `run(provider, timeout)` returns the result or raises ProviderError."""
     attempts: list[Attempt] = []
     last: ProviderError | None = None
     for cand in plan.candidates:
@@ -72,12 +81,13 @@ async def _attempts(plan: RoutePlan, ctx: CallContext, run: Callable[[Provider],
             attempts.append(Attempt(cand.model, why, 503))
             continue
         provider = ctx.providers(cand.model)
+        timeout = attempt_timeout(plan, cand)
         for attempt in range(plan.retries + 1):
             try:
-                result = await run(provider)
+                result = await run(provider, timeout)
             except ProviderError as e:
                 last = e
-                attempts.append(Attempt(cand.model, e.message, e.status))
+                attempts.append(Attempt(cand.model, e.message, e.status, e.code))
                 if ctx.on_attempt_error:
                     ctx.on_attempt_error(cand.model, e)
                 if not e.fallback:  # the request itself is bad: no other model will do better
@@ -103,9 +113,7 @@ def with_defaults(p: Provider, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def complete(plan: RoutePlan, body: dict[str, Any], ctx: CallContext) -> tuple[str, dict, list[Attempt]]:
-    timeout = plan.timeout_s or 60.0
-
-    async def run(p: Provider) -> dict:
+    async def run(p: Provider, timeout: float) -> dict:
         return await p.complete(with_defaults(p, body), timeout=timeout)
 
     return await _attempts(plan, ctx, run)
@@ -143,9 +151,7 @@ async def _aclose(it: AsyncIterator[bytes]) -> None:
 
 
 async def stream(plan: RoutePlan, body: dict[str, Any], ctx: CallContext) -> StreamHandle:
-    timeout = plan.timeout_s or 60.0
-
-    async def run(p: Provider) -> tuple[list[bytes], AsyncIterator[bytes]]:
+    async def run(p: Provider, timeout: float) -> tuple[list[bytes], AsyncIterator[bytes]]:
         return await _open(p, with_defaults(p, body), timeout)
 
     model, (first, rest), attempts = await _attempts(plan, ctx, run)

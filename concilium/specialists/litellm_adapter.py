@@ -12,7 +12,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from concilium.specialists.base import Provider, ProviderError, classify_status, sse_event
+from concilium.specialists.base import (
+    CONTEXT_LENGTH_EXCEEDED,
+    Provider,
+    ProviderError,
+    classify_status,
+    sse_event,
+)
 
 _PASS = ("messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "tools",
          "tool_choice", "seed", "response_format", "presence_penalty", "frequency_penalty", "n", "user",
@@ -36,6 +42,9 @@ def _to_provider_error(name: str, e: Exception) -> ProviderError:
     if not isinstance(status, int):
         return ProviderError(f"{name}: {type(e).__name__}: {e}", code="connection_error")
     retryable, fallback = classify_status(status)
+    code = f"upstream_{status}"
+    if type(e).__name__ == "ContextWindowExceededError":  # a model with a longer context may take it
+        fallback, code = True, CONTEXT_LENGTH_EXCEEDED
     retry_after = None
     resp = getattr(e, "response", None)
     headers = getattr(resp, "headers", None)
@@ -46,7 +55,7 @@ def _to_provider_error(name: str, e: Exception) -> ProviderError:
             retry_after = None
     return ProviderError(f"{name}: upstream answered {status}: {getattr(e, 'message', e)}",
                          status=status if status < 500 else 502, retryable=retryable, fallback=fallback,
-                         retry_after=retry_after, code=f"upstream_{status}")
+                         retry_after=retry_after, code=code)
 
 
 class LiteLLMProvider(Provider):

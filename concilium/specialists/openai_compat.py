@@ -15,12 +15,12 @@ from typing import Any
 import aiohttp
 import orjson
 
-from concilium.specialists.base import Provider, ProviderError, classify_status
+from concilium.specialists.base import CONTEXT_LENGTH_EXCEEDED, Provider, ProviderError, classify_status
 
 # Longest wait for the end of a streamed body after its [DONE] event.
 _END_WAIT_S = 0.25
 # Gateway-level fields an upstream would reject.
-_GATEWAY_ONLY = ("metadata", "background", "user_tags")
+_GATEWAY_ONLY = ("metadata", "background", "user_tags", "fallbacks", "models")
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -35,20 +35,26 @@ def parse_retry_after(value: str | None) -> float | None:
 async def error_from_response(resp: aiohttp.ClientResponse, who: str) -> ProviderError:
     raw = await resp.read()
     message = raw[:500].decode("utf-8", "replace")
+    upstream_code = None
     try:
         err = orjson.loads(raw).get("error")
         if isinstance(err, dict) and err.get("message"):
             message = str(err["message"])
+        if isinstance(err, dict):
+            upstream_code = err.get("code")
     except (orjson.JSONDecodeError, AttributeError):
         pass
     retryable, fallback = classify_status(resp.status)
+    code = f"upstream_{resp.status}"
+    if upstream_code == CONTEXT_LENGTH_EXCEEDED:  # too long for this model; one with a longer context may take it
+        fallback, code = True, CONTEXT_LENGTH_EXCEEDED
     return ProviderError(
         f"{who}: upstream answered {resp.status}: {message}",
         status=resp.status if resp.status < 500 else 502,
         retryable=retryable,
         fallback=fallback,
         retry_after=parse_retry_after(resp.headers.get("retry-after")),
-        code=f"upstream_{resp.status}",
+        code=code,
     )
 
 

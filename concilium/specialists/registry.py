@@ -54,6 +54,10 @@ class Registry:
         p = self.providers.get(name)
         return "not in the policy" if p is None else p.unavailable_reason()
 
+    def context_limit(self, name: str) -> int | None:
+        p = self.providers.get(name)
+        return None if p is None else p.context_limit()
+
     async def start_all(self) -> None:
         """Start every callable provider; a local model that fails to load is reported, not fatal."""
         async def one(p: Provider) -> None:

@@ -6,6 +6,7 @@ user message's words (or "ok") split over `chunks` SSE events.
 Faults, per upstream model id, come from a script (consumed one per request) or a default:
   {"status": 500}                       answer with that HTTP status and an OpenAI error body
   {"status": 429, "retry_after": 0.2}   rate limited, with a retry-after header
+  {"status": 400, "code": "context_length_exceeded"}   an error body with that error code
   {"delay_s": 2.0}                      slow first byte
   {"drop_after": 3}                     stream: close the connection after 3 events, no [DONE]
   {"malformed_at": 2}                   stream: event 2 is not JSON
@@ -87,9 +88,9 @@ def _split(words: list[str], n: int) -> list[str]:
     return out
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
+def _error(status: int, message: str, headers: dict | None = None, code: str | None = None) -> web.Response:
     body = {"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error",
-                      "code": None, "param": None}}
+                      "code": code, "param": None}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
                         headers=headers)
 
@@ -117,7 +118,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         status = int(fault.get("status", 200))
         if status != 200:
             headers = {"retry-after": str(fault["retry_after"])} if "retry_after" in fault else None
-            return _error(status, f"injected {status}", headers)
+            return _error(status, f"injected {status}", headers, fault.get("code"))
         words = _reply_words(body)
         n = max(1, int(body.get("max_tokens") or 0) and min(up.chunks, int(body["max_tokens"])) or up.chunks)
         pieces = _split(words, n)

@@ -108,8 +108,8 @@ def test_route_dry_run_obeys_the_keys_allow_list(gw, upstream):
     assert status == 403 and "may not use model 'concilium/auto'" in body["error"]["message"]
     status, plan = dry_run(BOB, "cheap")
     assert status == 200 and [c["model"] for c in plan["candidates"]] == ["cheap"]  # not the fallback
-    status, plan = dry_run(DAVE, "cheap")
-    assert status == 200 and [c["model"] for c in plan["candidates"]] == ["cheap", "private"]
+    status, plan = dry_run(DAVE, "cheap")  # pinned: no fallbacks unless asked for
+    assert status == 200 and [c["model"] for c in plan["candidates"]] == ["cheap"]
     assert upstream.stats()["requests"] == 0
 
 
@@ -187,11 +187,17 @@ def test_key_file_keys_work_without_restart(gw, upstream):
 def test_pii_prompts_stay_on_local_models(gw, upstream):
     r = ask(gw, DAVE, text="my card is 4111 1111 1111 1111", max_tokens=1)
     assert r.headers["x-concilium-model"] == "private" and r.headers["x-concilium-route"] == "private"
-    # pinned to an external model: on_pii drops it, even though it is what the client asked for
-    plan = gw.client(api_key=DAVE).post("/route", cast_to=object, body={
-        "model": "cheap", "messages": [{"role": "user", "content": "mail me at a@example.com"}]})
-    assert [c["model"] for c in plan["candidates"]] == ["private"]
-    assert any("PII" in s["reason"] for s in plan["skipped"])
+    # pinned to an external model: on_pii drops it, even though it is what the client asked for ...
+    pii = [{"role": "user", "content": "mail me at a@example.com"}]
+    plan = gw.client(api_key=DAVE).post("/route", cast_to=object, body={"model": "cheap", "messages": pii})
+    assert plan["candidates"] == [] and any("PII" in s["reason"] for s in plan["skipped"])
+    with pytest.raises(openai.APIStatusError) as e:  # ... so the request fails, naming the reason
+        gw.client(api_key=DAVE).chat.completions.create(model="cheap", messages=pii, max_tokens=1)
+    assert e.value.status_code == 503 and "PII" in e.value.message
+    # with a fallback it asked for, the allowed model answers
+    r = ask(gw, DAVE, model="cheap", text="mail me at a@example.com", max_tokens=1,
+            extra_body={"fallbacks": ["private"]})
+    assert r.headers["x-concilium-model"] == "private"
     clean = ask(gw, DAVE, text="what is 2+2", max_tokens=1)
     assert clean.headers["x-concilium-model"] == "cheap"
 
