@@ -78,7 +78,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _warm_up(**_: object) -> None:
-    """Build this process's runtime and start the policy's providers before the first job."""
+    """Build this process's runtime and start the policy's providers before the first job.
+
+    In a pool process this runs in a thread of its own: loading a local model takes longer than
+    Celery waits for a new pool process to report for work, and a process that does not report in
+    time is killed and replaced, forever. The first job waits for the load instead (see
+    `PolicySnapshots.current`)."""
+    import threading
+
+    threading.Thread(target=_load_policy, name="concilium-warm-up", daemon=True).start()
+
+
+def _load_policy() -> None:
     import logging
 
     from concilium.workers import runtime

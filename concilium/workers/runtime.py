@@ -38,6 +38,7 @@ class PolicySnapshots:
         self._snap: Snapshot | None = None
         self._mtime = 0.0
         self._version = 0
+        self._lock: asyncio.Lock | None = None  # one (re)load at a time: the warm-up and a first job share it
 
     def _stat(self) -> float:
         try:
@@ -56,6 +57,14 @@ class PolicySnapshots:
         mtime = self._stat()
         if self._snap is not None and mtime == self._mtime:
             return self._snap
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._snap is not None and self._stat() == self._mtime:
+                return self._snap  # loaded by whoever held the lock
+            return await self._reload(mtime)
+
+    async def _reload(self, mtime: float) -> Snapshot:
         try:
             policy = await asyncio.to_thread(load_policy, self.path)
         except PolicyError as e:
@@ -64,8 +73,9 @@ class PolicySnapshots:
             log.error("policy reload refused, keeping version %d:\n%s", self._snap.version, e)
             self._mtime = mtime
             return self._snap
-        old, self._snap, self._mtime = self._snap, self.build(policy), mtime
-        await self._snap.registry.start_all()
+        new = self.build(policy)
+        await new.registry.start_all()  # published only once its providers (a local model) are up
+        old, self._snap, self._mtime = self._snap, new, mtime
         if old is not None:
             retired = old.registry.retired(self._snap.registry)
             await asyncio.gather(*(p.close() for p in retired), return_exceptions=True)
