@@ -10,10 +10,10 @@ from fastapi import APIRouter, FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
+from concilium.gateway.auth import AuthMiddleware
 from concilium.gateway.errors import APIError
 from concilium.guard import logs
 from concilium.guard.keys import Scope
-from concilium.guard.middleware import AuthMiddleware
 from concilium.guard.privacy import rules
 from concilium.guard.service import STATE_KEY, Guard
 from concilium.guard.store import Window

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from concilium.gateway.errors import APIError
+from concilium.core.errors import APIError
 from concilium.guard.cost import actual_cost, max_cost, prompt_tokens_bound
 from concilium.guard.keys import Key, KeyTable, Scope, default_key_file, merge, read_key_file
 from concilium.guard.schema import KeysSection, parse_keys
