@@ -19,7 +19,7 @@ from concilium.gateway.schemas import ChatCompletionRequest
 from concilium.gateway.state import Snapshot, plan_headers
 from concilium.guard import privacy
 from concilium.router.decide import DecisionError, decide
-from concilium.router.plan import RoutePlan
+from concilium.core.plan import RoutePlan
 from concilium.specialists import call
 from concilium.specialists.base import CONTEXT_LENGTH_EXCEEDED, ProviderError
 

@@ -25,11 +25,11 @@ from prometheus_client import Counter
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from concilium.core.plan import RoutePlan
 from concilium.gateway.chat import no_candidates, plan_request, read_json, request_id
 from concilium.gateway.errors import APIError, error_response, sse_error
 from concilium.gateway.state import Snapshot, header_value, plan_headers
 from concilium.policy.jobs import jobs_config, parse_jobs
-from concilium.router.plan import RoutePlan
 from concilium.specialists.base import chunk, completion, sse_event
 from concilium.workers.responses import (
     TERMINAL_EVENT_TYPES,

@@ -16,7 +16,7 @@ from typing import Any
 
 from concilium.policy.loader import PolicyError, load_policy
 from concilium.policy.schema import Policy
-from concilium.router.plan import RoutePlan
+from concilium.core.plan import RoutePlan
 from concilium.specialists.call import CallContext
 from concilium.specialists.health import CircuitBreaker
 from concilium.specialists.registry import Registry

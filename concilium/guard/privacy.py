@@ -10,11 +10,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from concilium.core.plan import RoutePlan, Skipped
 from concilium.guard import logs
 from concilium.guard.pii import findings, prompt_text, redact
 from concilium.guard.schema import Privacy, parse_privacy
 from concilium.policy.schema import Policy
-from concilium.router.plan import RoutePlan, Skipped
 from concilium.settings import get_settings
 
 log = logging.getLogger("concilium.privacy")

@@ -25,7 +25,7 @@ from concilium.guard.schema import KeysSection, parse_keys
 from concilium.guard.store import Charge, Denied, Store, Window
 from concilium.guard.store_memory import MemoryStore
 from concilium.policy.loader import PolicyError
-from concilium.router.plan import RoutePlan
+from concilium.core.plan import RoutePlan
 
 log = logging.getLogger("concilium.guard")
 RESERVATION_TTL_S = 3600.0  # a crashed replica's reservations lapse after this

@@ -31,9 +31,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from concilium.core.plan import Prediction
 from concilium.policy.loader import PolicyError, format_loc
 from concilium.policy.schema import Policy, Route
-from concilium.router.plan import Prediction
 
 log = logging.getLogger("concilium.policy")
 

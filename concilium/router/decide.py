@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from concilium.policy.jobs import background_reason
 from concilium.policy.schema import Match, Policy, Route
 from concilium.router.objective import CHARS_PER_TOKEN, input_tokens, requested_output_tokens
-from concilium.router.plan import Candidate, Prediction, RoutePlan, Skipped
+from concilium.core.plan import Candidate, Prediction, RoutePlan, Skipped
 from concilium.router.text import prompt_chars
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from concilium.core.plan import Prediction
 from concilium.policy.schema import Policy, RouterConfig
 from concilium.router.artifact import DIFFICULTY_LABELS, Artifact, ArtifactError
 from concilium.router.objective import (
@@ -25,7 +26,6 @@ from concilium.router.objective import (
     input_tokens,
     requested_output_tokens,
 )
-from concilium.router.plan import Prediction
 from concilium.router.predictor import Predictor
 from concilium.router.priors import prior_quality
 from concilium.router.text import prompt_chars, request_text

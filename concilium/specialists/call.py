@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from concilium.core.plan import Candidate, RoutePlan
 from concilium.policy.schema import Retry
-from concilium.router.plan import Candidate, RoutePlan
 from concilium.specialists.base import Provider, ProviderError
 from concilium.specialists.health import CircuitBreaker
 

@@ -13,10 +13,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from concilium.core.plan import RoutePlan
 from concilium.gateway.state import GatewayState, Snapshot
 from concilium.policy.jobs import JobsConfig, jobs_config
 from concilium.policy.schema import Route
-from concilium.router.plan import RoutePlan
 from concilium.workers.celery_app import TASK_NAME, make_celery
 from concilium.workers.config import JobsEnv
 from concilium.workers.responses import TERMINAL_EVENT_TYPES, ev, new_job_id, response_object

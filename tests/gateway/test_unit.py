@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from concilium.core.plan import Prediction
 from concilium.policy.loader import parse_policy
 from concilium.router.decide import DecisionError, decide
-from concilium.router.plan import Prediction
 from concilium.specialists import call
 from concilium.specialists.base import Provider, ProviderError
 from concilium.specialists.health import CircuitBreaker

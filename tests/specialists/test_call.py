@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from concilium.core.plan import Candidate, RoutePlan
 from concilium.policy.schema import Retry
-from concilium.router.plan import Candidate, RoutePlan
 from concilium.specialists import call
 from concilium.specialists.base import Provider, ProviderError
 from concilium.specialists.health import CircuitBreaker

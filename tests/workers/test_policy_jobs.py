@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from concilium.core.plan import Prediction
 from concilium.policy.jobs import check_policy, jobs_config, parse_jobs
 from concilium.policy.loader import PolicyError, parse_policy
 from concilium.router.decide import decide
-from concilium.router.plan import Prediction
 
 BASE = """
 version: 1
