@@ -16,16 +16,17 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from typing import Any
 
 from concilium.core.errors import APIError
+from concilium.core.plan import RoutePlan, Skipped
 from concilium.guard.cost import actual_cost, max_cost, prompt_tokens_bound
 from concilium.guard.keys import Key, KeyTable, Scope, default_key_file, merge, read_key_file
 from concilium.guard.schema import KeysSection, parse_keys
-from concilium.guard.store import Charge, Denied, Store, Window
+from concilium.guard.store import NANO, Charge, Denied, ScopeUsage, Store, StoreUnavailable, Window
 from concilium.guard.store_memory import MemoryStore
 from concilium.policy.loader import PolicyError
-from concilium.core.plan import RoutePlan
 
 log = logging.getLogger("concilium.guard")
 RESERVATION_TTL_S = 3600.0  # a crashed replica's reservations lapse after this
@@ -52,19 +53,59 @@ _REASONS = {
 }
 
 
-def denied_error(d: Denied, headers: dict[str, str]) -> APIError:
+def usd(nano: int, up: bool = False) -> str:
+    """Money for people: cents from $1 up, else four significant digits (never "$0.00" for a cap of
+    $0.0005). `up` rounds up, for what a request may cost."""
+    x = Decimal(nano) / NANO
+    if x == 0:
+        return "$0.00"
+    mode = ROUND_CEILING if up else ROUND_HALF_UP
+    if abs(x) >= 1:
+        return f"${x.quantize(Decimal('0.01'), rounding=mode):,.2f}"
+    q = x.quantize(Decimal(1).scaleb(x.adjusted() - 3), rounding=mode)
+    whole, _, frac = format(q, "f").rstrip("0").partition(".")
+    return f"${whole}.{frac.ljust(2, '0')}"
+
+
+def _who(scope: str) -> str:
+    kind, _, ident = scope.partition(":")
+    return {"key": "this key", "team": f"team {ident!r}", "model": f"model {ident!r}",
+            "key-model": f"this key's use of {ident.split('/', 1)[-1]!r}"}.get(kind, scope)
+
+
+def denied_error(d: Denied, headers: dict[str, str], usage: ScopeUsage | None = None, need: int | None = None,
+                 on: str = "") -> APIError:
+    """The 429 for a denial. For budgets, `usage` (the scope's spend and holds) and `need` (what this
+    request may cost, `on` saying where) let the message say what is left and what was asked for."""
     words, code, typ = _REASONS[d.reason]
-    kind, _, ident = d.scope.partition(":")
-    who = {"key": "this key", "team": f"team {ident!r}", "model": f"model {ident!r}",
-           "key-model": f"this key's use of {ident.split('/', 1)[-1]!r}"}.get(kind, d.scope)
-    limit = f"${d.limit:.2f}" if d.reason.startswith("usd") else f"{int(d.limit)}"
+    who = _who(d.scope)
     wait = max(1, math.ceil(d.retry_after_s))
-    if d.reason.startswith("usd") and d.retry_after_s <= 1.0:
-        detail = "requests in flight hold the rest; retry when they finish"
+    headers = {**headers, "retry-after": str(wait)}
+    if not d.reason.startswith("usd"):
+        return APIError(429, f"{who} is over its {words} ({int(d.limit)}); retry after {wait}s", code=code,
+                        type=typ, headers=headers)
+    cap = round(d.limit * NANO)
+    in_flight = d.retry_after_s <= 1.0
+    if usage is None:
+        detail = "requests in flight hold the rest; retry when they finish" if in_flight else f"retry after {wait}s"
+        return APIError(429, f"{who} has not enough left of its {words} ({usd(cap)}) for this request; {detail}",
+                        code=code, type=typ, headers=headers)
+    spent = usage.spent_day if d.reason == "usd_per_day" else usage.spent_month
+    if spent >= cap:
+        return APIError(429, f"{who} has spent its {words} ({usd(spent)} of {usd(cap)}); retry after {wait}s",
+                        code=code, type=typ, headers=headers)
+    left = max(0, cap - spent - usage.reserved)
+    held = f", {usd(usage.reserved)} held by requests in flight" if usage.reserved else ""
+    msg = (f"{who} has {usd(left)} left of its {words} of {usd(cap)} "
+           f"({usd(spent) + ' spent' if spent else 'nothing spent'}{held})"
+           + (f"; this request may cost up to {usd(need, up=True)}{on}" if need is not None else ""))
+    if need is not None and need > cap - spent:
+        msg += ": lower max_tokens or shorten the prompt" + ("" if need <= cap else ", it can never fit this budget")
+        if need <= cap:
+            msg += f", or retry after {wait}s"
     else:
-        detail = f"retry after {wait}s"
-    return APIError(429, f"{who} is over its {words} ({limit}); {detail}", code=code, type=typ,
-                    headers={**headers, "retry-after": str(wait)})
+        msg += "; requests in flight hold the rest: retry when they finish" if in_flight else f"; retry after {wait}s"
+    return APIError(429, msg, code=code, type=typ, headers=headers)
 
 
 @dataclass
@@ -232,14 +273,18 @@ class Guard:
         out = asked if isinstance(asked, int) and asked > 0 else e.default_max_tokens
         if asked is None and key.has_budget:
             body["max_tokens"] = out  # the reservation must bound what the model may write
-        seconds = (plan.timeout_s or snap.policy.limits.default_timeout_s) * (plan.retries + 1)
         specs = {c.model: snap.policy.models[c.model] for c in candidates}
+        # A GPU-second price is bounded by the time every attempt on the model may take.
+        seconds = {c.model: (c.timeout_s or plan.timeout_s or snap.policy.limits.default_timeout_s)
+                   * (plan.retries + 1) for c in candidates}
+        all_costs = {m: max_cost(specs[m], prompt, out, seconds[m]) for m in specs}
         rid = plan.request_id + "-" + uuid.uuid4().hex[:8]
+        dropped: list[Skipped] = []
         while True:
             if not candidates:
                 raise APIError(429, "every model this request may use is over its limits", code="budget_exceeded",
                                type="insufficient_quota", headers=headers)
-            costs = {c.model: max_cost(specs[c.model], prompt, out, seconds) for c in candidates}
+            costs = {c.model: all_costs[c.model] for c in candidates}
             top = max(costs.values())
             charges = [scope_charge(s, top, prompt) for s in key.scopes]
             model_scopes = {m: key.model_scopes[m] for m in costs if m in key.model_scopes}
@@ -254,9 +299,31 @@ class Guard:
             over = next((m for m, ss in model_scopes.items() if any(x.name == denied.scope for x in ss)), None)
             if over is not None and len(candidates) > 1:  # that model is over its limits: try the others
                 candidates = [c for c in candidates if c.model != over]
+                dropped.append(Skipped(model=over, reason=f"{_who(denied.scope)} is over its "
+                                       f"{_REASONS[denied.reason][0]}"))
                 continue
-            raise denied_error(denied, headers)
-        if len(candidates) != len(plan.candidates):
+            costly = [c.model for c in candidates if costs[c.model] == top]
+            if over is None and denied.reason.startswith("usd") and len(costly) < len(candidates):
+                # the key (or team) cannot afford the priciest candidates: the cheaper ones may still do
+                candidates = [c for c in candidates if c.model not in costly]
+                dropped += [Skipped(model=m, reason=f"may cost up to {usd(top, up=True)}, more than "
+                                    f"{_who(denied.scope)} can spend now") for m in costly]
+                continue
+            need = costs[over] if over is not None else top
+            on = f" on {over or candidates[0].model} (a prompt of up to {prompt} tokens and max_tokens {out})"
+            try:
+                usage = await self.store.usage(denied.scope, None, None, Window.at())
+            except StoreUnavailable:
+                usage = None
+            raise denied_error(denied, headers, usage, need, on)
+        if dropped:
+            reasons = list(plan.reasons)
+            if reasons and reasons[0].startswith("chose "):
+                reasons[0] = f"chose {candidates[0].model}"
+            reasons.append("skipped " + ", ".join(f"{d.model} ({d.reason})" for d in dropped))
+            plan = plan.model_copy(update={"candidates": candidates, "skipped": plan.skipped + dropped,
+                                           "reasons": reasons})
+        elif len(candidates) != len(plan.candidates):
             plan = plan.model_copy(update={"candidates": candidates})
         ticket = Ticket(self, rid, key, costs, prompt, out, list(key.scopes), model_scopes, specs)
         return ticket, plan

@@ -128,16 +128,17 @@ def test_rate_limit_answers_429_with_retry_after(gw, upstream):
 
 def test_budget_spend_and_usage(gw, upstream):
     # each answer: 5 completion tokens x $1000/M = $0.005; the day's budget of $0.02 buys exactly 4
-    done = 0
+    answered_by = []
     for _ in range(6):
-        try:
-            r = ask(gw, ALICE, max_tokens=5)
-            assert r.parse().usage.completion_tokens == 5
-            done += 1
-        except openai.RateLimitError as e:
-            assert e.body["type"] == "insufficient_quota" and "budget per day ($0.02)" in e.message
-            assert int(e.response.headers["retry-after"]) > 1
-    assert done == 4
+        r = ask(gw, ALICE, max_tokens=5)
+        assert r.parse().usage.completion_tokens == 5
+        answered_by.append(r.headers["x-concilium-model"])
+    assert answered_by == ["cheap"] * 4 + ["private"] * 2  # then only the free fallback is affordable
+    with pytest.raises(openai.RateLimitError) as e:  # pinned to cheap: nothing else may answer
+        ask(gw, ALICE, model="cheap", max_tokens=5)
+    assert e.value.body["type"] == "insufficient_quota"
+    assert "spent its budget per day ($0.02 of $0.02)" in e.value.message
+    assert int(e.value.response.headers["retry-after"]) > 1
     status, _, usage = get(gw, "/v1/usage", ALICE)
     assert status == 200 and usage["key"] == "alice" and usage["team"] == "research"
     key_scope, team_scope = usage["scopes"]
