@@ -168,7 +168,9 @@ def _salvage(data: dict) -> tuple[Policy, frozenset[int]]:
             name = raw.get("name") if isinstance(raw.get("name"), str) else f"<routes[{i}]>"
             route = Route.model_construct(name=name, **{"targets": [], **names})
         routes.append(route)
-    router = valid(RouterConfig, data.get("router", {}), RouterConfig())
+    raw_router = data.get("router") if isinstance(data.get("router"), dict) else {}
+    router = valid(RouterConfig, raw_router, None) or valid(
+        RouterConfig, {"virtual_models": raw_router.get("virtual_models", ["concilium/auto"])}, RouterConfig())
     sections = {k: data[k] for k, kind in (("jobs", dict), ("keys", list), ("privacy", dict))
                 if isinstance(data.get(k), kind)}
     return Policy.model_construct(models=models, routes=routes, router=router, **sections), frozenset(skip)

@@ -198,3 +198,10 @@ def test_model_defaults_schema():
 def test_default_policy_samples_smollm2_as_its_model_card_suggests():
     spec = load_policy(ROOT / "policies" / "default.yaml").models["smollm2"]
     assert (spec.defaults.temperature, spec.defaults.top_p) == (0.2, 0.9)
+
+
+def test_a_bad_router_section_keeps_its_virtual_models_for_the_other_checks():
+    text = BASE.replace("match: {category: [code]}", "match: {model: [team/auto]}")
+    text += "router: {virtual_models: [concilium/auto, team/auto], objective: {kind: cheapest}}\n"
+    problems = dict(_error(text).problems)
+    assert list(problems) == ["router.objective.kind"], problems
