@@ -76,7 +76,7 @@ def plan_request(snap: Snapshot, body: dict[str, Any], rid: str) -> RoutePlan:
     pii = privacy.verdict(body, snap.policy, rid)  # None unless the policy routes on PII
     try:
         plan = decide(body, snap.policy, dispatcher=snap.dispatcher, availability=snap.availability,
-                      windows=snap.context_limit, request_id=rid, pii=pii)
+                      windows=snap.context_limit, features=snap.unsupported, request_id=rid, pii=pii)
     except DecisionError as e:
         raise APIError(e.status, e.message, code=e.code, param=e.param) from None
     return privacy.restrict(plan, snap.policy, pii)
@@ -104,7 +104,7 @@ def _provider_error(e: ProviderError | call.AllCandidatesFailed, plan: RoutePlan
             status = 504
         return APIError(status, str(e), code="all_candidates_failed", headers=plan_headers(plan),
                         type="rate_limit_error" if status == 429 else "api_error")
-    return APIError(e.status if 400 <= e.status < 600 else 502, e.message, code=e.code,
+    return APIError(e.status if 400 <= e.status < 600 else 502, e.message, code=e.code, param=e.param,
                     headers=plan_headers(plan))
 
 

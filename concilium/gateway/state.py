@@ -51,6 +51,9 @@ class Snapshot:
     def availability(self, model: str) -> str | None:
         return self.registry.unavailable_reason(model) or self.ctx.breaker.open_reason(model)
 
+    def unsupported(self, model: str, body: dict[str, Any]) -> tuple[str, str] | None:
+        return self.registry.unsupported(model, body)
+
     def context_limit(self, model: str) -> int | None:
         return self.registry.context_limit(model)
 

@@ -18,10 +18,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from concilium.core.plan import Candidate, Prediction, RoutePlan, Skipped
 from concilium.policy.jobs import background_reason
 from concilium.policy.schema import Match, Policy, Route
 from concilium.router.objective import CHARS_PER_TOKEN, input_tokens, requested_output_tokens
-from concilium.core.plan import Candidate, Prediction, RoutePlan, Skipped
 from concilium.router.text import prompt_chars
 
 
@@ -50,6 +50,9 @@ Availability = Callable[[str], "str | None"]
 # The context a model really serves, when it is less than the policy's context_window (None = as the
 # policy says); supplied by the provider registry (a local runtime's max_seq_len).
 Windows = Callable[[str], "int | None"]
+# (param, why) when a model cannot serve a feature the request asks for (tools it must call, a JSON
+# response format, images), None when it can; supplied by the provider registry.
+Features = Callable[[str, dict[str, Any]], "tuple[str, str] | None"]
 
 
 def _request_fallbacks(body: dict[str, Any], policy: Policy) -> list[str]:
@@ -138,6 +141,7 @@ def decide(
     dispatcher: Dispatcher | None = None,
     availability: Availability | None = None,
     windows: Windows | None = None,
+    features: Features | None = None,
     request_id: str | None = None,
     pii: bool | None = None,
 ) -> RoutePlan:
@@ -231,10 +235,24 @@ def decide(
             + ". Shorten the messages or lower max_tokens",
             status=400, code="context_length_exceeded", param="messages")
 
+    # Routed requests skip models that cannot serve the request's features; a pinned model answers
+    # or refuses itself (a 400 naming the field).
+    unable: dict[str, str] = {}
+    fields: list[str] = []
+    if features is not None and route_name != "pinned":
+        for c in order:
+            if (no := features(c.model, body)) is not None:
+                unable[c.model] = f"cannot serve {no[0]}: {no[1]}"
+                fields.append(no[0])
+        if order and len(unable) == len(order):
+            raise DecisionError(f"no model of route {route_name!r} serves this request: "
+                                + "; ".join(f"{m}: {why}" for m, why in unable.items()),
+                                status=400, code="unsupported_parameter", param=fields[0])
+
     callable_: list[Candidate] = []
     skipped: list[Skipped] = []
     for c in order:
-        why = too_long.get(c.model) or (availability(c.model) if availability else None)
+        why = too_long.get(c.model) or unable.get(c.model) or (availability(c.model) if availability else None)
         if why:
             skipped.append(Skipped(model=c.model, reason=why))
         else:

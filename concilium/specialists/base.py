@@ -18,7 +18,6 @@ import orjson
 
 from concilium.policy.schema import ModelSpec
 
-
 # The OpenAI error code for a prompt longer than the model's context: another model may still take it.
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
@@ -36,9 +35,11 @@ class ProviderError(Exception):
         code: str | None = None,
         type: str = "upstream_error",
         fallback: bool | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault, for client errors
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
@@ -68,6 +69,12 @@ class Provider(ABC):
 
     def unavailable_reason(self) -> str | None:
         """Why this provider cannot be called right now (e.g. its API key is not set), or None."""
+        return None
+
+    def unsupported(self, body: dict[str, Any]) -> tuple[str, str] | None:
+        """(param, why) when this provider cannot honour a feature the request asks for (tools it
+        must call, a JSON response format, images ...), else None. Upstream APIs pass requests on
+        as they are and decide themselves; the router skips a model that says no here."""
         return None
 
     def context_limit(self) -> int | None:

@@ -63,6 +63,12 @@ class LocalProvider(Provider):
     def unavailable_reason(self) -> str | None:
         return self._load_error
 
+    def unsupported(self, body: dict[str, Any]) -> tuple[str, str] | None:
+        from concilium.specialists.runtime.openai_request import unsupported_feature
+
+        err = unsupported_feature(body)
+        return None if err is None else (err.param or "", err.message)
+
     def _max_seq_len(self) -> int:
         return int(self._option("max_seq_len", min(self.spec.context_window, DEFAULT_MAX_SEQ_LEN)))
 
@@ -134,18 +140,33 @@ class LocalProvider(Provider):
             raise ProviderError(self._load_error, status=503, retryable=False) from e
 
     async def _events(self, body: dict[str, Any], timeout: float) -> AsyncIterator[Any]:
-        from concilium.specialists.runtime.openai_request import RequestError, prompt_ids, sampling_params
+        from concilium.specialists.runtime.openai_request import (
+            RequestError,
+            prompt_ids,
+            sampling_params,
+            unsupported_feature,
+        )
 
         await self.start()
         engine = self._engine
         try:
+            if (err := unsupported_feature(body)) is not None:
+                raise err
             params = sampling_params(
-                body, default_max_tokens=256, max_tokens_cap=self.spec.max_output_tokens or 1024
+                body,
+                default_max_tokens=256,
+                max_tokens_cap=self.spec.max_output_tokens or 1024,
+                vocab_size=engine.model.cfg.vocab_size,
             )
             ids = prompt_ids(body, engine.tokenizer)
         except RequestError as e:
             raise ProviderError(
-                f"{self.name}: {e.message}", status=400, retryable=False, type="invalid_request_error", code=None
+                f"{self.name}: {e.message}",
+                status=400,
+                retryable=False,
+                type="invalid_request_error",
+                code=e.code,
+                param=e.param,
             ) from None
         room = engine.max_seq_len - len(ids)
         if room < 1:  # another model with a longer context may take it
@@ -175,21 +196,39 @@ class LocalProvider(Provider):
             await events.aclose()  # a disconnected client or an error leaves the batch at once
 
     async def complete(self, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        from concilium.specialists.runtime.logprobs import choice_logprobs
+
         parts: list[str] = []
+        lps: list[Any] | None = None
         last = None
         async for ev in self._events(body, timeout):
             parts.append(ev.text)
+            if ev.logprobs is not None:
+                lps = lps if lps is not None else []
+                lps.extend(ev.logprobs)
             last = ev
         assert last is not None
         usage = usage_dict(last.prompt_tokens, last.completion_tokens)
-        return completion(new_completion_id(), self.name, "".join(parts), last.finish_reason, usage)
+        out = completion(new_completion_id(), self.name, "".join(parts), last.finish_reason, usage)
+        if lps is not None:
+            out["choices"][0]["logprobs"] = choice_logprobs(self._engine.tokenizer, lps)
+        return out
 
     async def stream(self, body: dict[str, Any], *, timeout: float) -> AsyncIterator[bytes]:
+        from concilium.specialists.runtime.logprobs import choice_logprobs
+
         cid, created = new_completion_id(), int(time.time())
         yield sse_event(chunk(cid, self.name, created, {"role": "assistant", "content": ""}))
+        pending: list[Any] = []  # log-probs of tokens whose text is still held back
         async for ev in self._events(body, timeout):
-            if ev.text:
-                yield sse_event(chunk(cid, self.name, created, {"content": ev.text}))
+            if ev.logprobs:
+                pending.extend(ev.logprobs)
+            if ev.text or (pending and ev.finish_reason is not None):
+                out = chunk(cid, self.name, created, {"content": ev.text} if ev.text else {})
+                if ev.logprobs is not None:  # the tokens this text came from
+                    out["choices"][0]["logprobs"] = choice_logprobs(self._engine.tokenizer, pending)
+                    pending = []
+                yield sse_event(out)
             if ev.finish_reason is not None:
                 usage = usage_dict(ev.prompt_tokens, ev.completion_tokens)
                 yield sse_event(chunk(cid, self.name, created, {}, finish_reason=ev.finish_reason))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from concilium.policy.schema import ModelSpec, Policy
 from concilium.specialists.base import Provider
@@ -53,6 +54,10 @@ class Registry:
     def unavailable_reason(self, name: str) -> str | None:
         p = self.providers.get(name)
         return "not in the policy" if p is None else p.unavailable_reason()
+
+    def unsupported(self, name: str, body: dict[str, Any]) -> tuple[str, str] | None:
+        p = self.providers.get(name)
+        return None if p is None else p.unsupported(body)
 
     def context_limit(self, name: str) -> int | None:
         p = self.providers.get(name)

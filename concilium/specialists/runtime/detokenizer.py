@@ -2,7 +2,9 @@
 
 Text is released token by token, but never (a) half of a multi-byte character, nor (b) a tail that
 could still turn out to be the start of a stop sequence. When a stop sequence appears, the text is
-cut just before it.
+cut just before it. When generation ends inside a character (max_tokens reached between its bytes),
+the incomplete character is dropped rather than released as U+FFFD, so every piece is whole
+characters and the pieces always add up to the final text.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class IncrementalDecoder:
         if not self.stopped and self._read < len(self.ids):
             before = self._decode(self.ids[self._prefix : self._read])
             after = self._decode(self.ids[self._prefix :])
-            self.text += after[len(before) :]
+            self.text += after[len(before) :].rstrip("\ufffd")  # bytes of a character never finished
             self._prefix = self._read = len(self.ids)
             self._scan()
         out = self.text[self._emitted :]

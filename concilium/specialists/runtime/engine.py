@@ -28,7 +28,7 @@ import torch
 from concilium.specialists.runtime.detokenizer import IncrementalDecoder
 from concilium.specialists.runtime.kv_cache import KVCache
 from concilium.specialists.runtime.model import ForwardBatch, Model
-from concilium.specialists.runtime.sampling import SamplingParams, sample
+from concilium.specialists.runtime.sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from concilium.specialists.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ class StreamEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # With `SamplingParams.logprobs`: one entry per token of the answer (an EOS or stop token id that
+    # ends generation is not part of the answer and has none).
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -58,6 +61,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class RequestHandle:
@@ -173,6 +177,8 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop sequences need a tokenizer")
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         handle = RequestHandle(next(self._ids))
         seq = _Sequence(
             handle=handle,
@@ -225,13 +231,14 @@ class Engine:
         batch = ForwardBatch.for_prefill([(s.prompt, s.slot) for s in seqs], self.model.device)
         logits = self.model(batch, self.cache)
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        lps = self._logprobs(logits, seqs, tokens)
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += batch.input_ids.numel()
-        for seq, tok in zip(seqs, tokens, strict=True):
+        for seq, tok, lp in zip(seqs, tokens, lps, strict=True):
             seq.num_cached = len(seq.prompt)
             self.cache.lengths[seq.slot] = seq.num_cached
             self._running.append(seq)
-            self._accept(seq, tok)
+            self._accept(seq, tok, lp)
 
     def _decode(self) -> None:
         seqs = list(self._running)
@@ -245,20 +252,35 @@ class Engine:
             batch = ForwardBatch.for_decode(tokens, slots, positions, self.model.device)
             logits = self.model(batch, self.cache)
         new = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        lps = self._logprobs(logits, seqs, new)
         self.stats.decode_steps += 1
         self.stats.decode_batch_sizes.append(len(seqs))
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(seqs))
-        for seq, tok in zip(seqs, new, strict=True):
+        for seq, tok, lp in zip(seqs, new, lps, strict=True):
             seq.num_cached += 1
             self.cache.lengths[seq.slot] = seq.num_cached
-            self._accept(seq, tok)
+            self._accept(seq, tok, lp)
 
-    def _accept(self, seq: _Sequence, token: int) -> None:
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, seqs: list[_Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
+        """Log-probs for the sequences that asked (none computed when no one did)."""
+        out: list[TokenLogprob | None] = [None] * len(seqs)
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs]
+        if rows:
+            found = token_logprobs(
+                logits, rows, [tokens[i] for i in rows], [seqs[i].params.top_logprobs for i in rows]
+            )
+            for i, lp in zip(rows, found, strict=True):
+                out[i] = lp
+        return out
+
+    def _accept(self, seq: _Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         seq.generated.append(token)
         self.stats.generated_tokens += 1
         finish: str | None = None
         if token in seq.stop_ids:
             finish, text = "stop", seq.decoder.flush()
+            logprob = None  # the end of the answer, not part of it
         else:
             text = seq.decoder.push(token)
             if seq.decoder.stopped:
@@ -266,10 +288,11 @@ class Engine:
             elif len(seq.generated) >= seq.params.max_tokens or seq.num_cached >= self.max_seq_len:
                 finish = "length"
                 text += seq.decoder.flush()
+        lps = None if not seq.params.logprobs else [logprob] if logprob is not None else []
         if finish is None:
-            self._emit(seq, StreamEvent(text, [token]))
+            self._emit(seq, StreamEvent(text, [token], logprobs=lps))
         else:
-            self._finish(seq, finish, text, [token])
+            self._finish(seq, finish, text, [token], logprobs=lps)
 
     def _finish(
         self,
@@ -278,6 +301,7 @@ class Engine:
         text: str,
         tokens: list[int] | None = None,
         error: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> None:
         if seq in self._running:
             self._running.remove(seq)
@@ -297,6 +321,7 @@ class Engine:
                 prompt_tokens=len(seq.prompt),
                 completion_tokens=len(seq.generated),
                 error=error,
+                logprobs=logprobs if logprobs is not None else [] if seq.params.logprobs else None,
             ),
         )
         seq.handle.finished.set()
@@ -417,11 +442,15 @@ class _Collector:
     def __init__(self) -> None:
         self.text: list[str] = []
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None
         self.final: StreamEvent | None = None
 
     def __call__(self, ev: StreamEvent) -> None:
         self.text.append(ev.text)
         self.tokens += ev.token_ids
+        if ev.logprobs is not None:
+            self.logprobs = self.logprobs if self.logprobs is not None else []
+            self.logprobs.extend(ev.logprobs)
         if ev.finish_reason is not None:
             self.final = ev
 
@@ -436,4 +465,5 @@ class _Collector:
             prompt_tokens=f.prompt_tokens,
             completion_tokens=f.completion_tokens,
             error=f.error,
+            logprobs=self.logprobs,
         )

@@ -1,7 +1,9 @@
 """Sampling parameters and next-token selection for a batch with per-request settings.
 
 Each request that samples owns a `torch.Generator` seeded from its `seed`, so a request draws the
-same tokens whether it runs alone or inside a batch.
+same tokens whether it runs alone or inside a batch. `logit_bias` is added to a request's logits
+before it samples; log-probs (`token_logprobs`) are computed only for the rows that ask for them,
+from the model's own distribution (before temperature, top-k/top-p and logit_bias).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+
+MAX_TOP_LOGPROBS = 20
 
 
 class SamplingError(ValueError):
@@ -26,6 +30,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop sequences (not included in the output)
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's EOS tokens
     ignore_eos: bool = False
+    logprobs: bool = False  # report each generated token's log-prob
+    top_logprobs: int = 0  # ... and the k most likely tokens at each position (0-20)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    _bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def validate(self) -> SamplingParams:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -38,7 +46,19 @@ class SamplingParams:
             raise SamplingError(f"top_k must be >= 0, got {self.top_k}")
         if len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingError("stop must be up to 16 non-empty strings")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise SamplingError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}")
+        for t, v in self.logit_bias.items():
+            if not isinstance(t, int) or t < 0 or not -100 <= v <= 100:
+                raise SamplingError("logit_bias maps token ids (>= 0) to values from -100 to 100")
         return self
+
+    def bias(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`logit_bias` as (token ids, values) tensors on `device`, built once per request."""
+        if self._bias is None or self._bias[0].device != device:
+            ids = torch.tensor(list(self.logit_bias), dtype=torch.long, device=device)
+            self._bias = ids, torch.tensor(list(self.logit_bias.values()), dtype=torch.float32, device=device)
+        return self._bias
 
     @property
     def greedy(self) -> bool:
@@ -66,12 +86,49 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def _with_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    rows = [b for b, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return logits
+    logits = logits.clone()  # the caller's logits stay the model's (log-probs are computed from them)
+    for b in rows:
+        ids, values = params[b].bias(logits.device)
+        logits[b].index_add_(0, ids, values.to(logits.dtype))
+    return logits
+
+
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
     """Next token for each row of `logits` [B, V] (fp32)."""
+    logits = _with_bias(logits, params)
     out = logits.argmax(dim=-1).tolist()
     for b, p in enumerate(params):
         if not p.greedy:
             out[b] = _sample_row(logits[b], p, generators[b])
     return out
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token, its log-prob, and the most likely tokens at its position (id, log-prob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(
+    logits: torch.Tensor, rows: list[int], tokens: list[int], top: list[int]
+) -> list[TokenLogprob]:
+    """Log-probs of `tokens[i]` under row `rows[i]` of `logits` [B, V], with the `top[i]` most likely
+    tokens of that row, most likely first. One log_softmax over the asked rows only."""
+    lp = torch.log_softmax(logits[rows].float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None]).squeeze(1).tolist()
+    k = max(top, default=0)
+    values, ids = lp.topk(k, dim=-1) if k else (None, None)
+    values, ids = (values.tolist(), ids.tolist()) if k else ([], [])
+    return [
+        TokenLogprob(tok, chosen[i], list(zip(ids[i][: top[i]], values[i][: top[i]], strict=True)) if k else [])
+        for i, tok in enumerate(tokens)
+    ]

@@ -2,8 +2,10 @@
 API (what a GPU worker container runs; the gateway reaches it with its native OpenAI client).
 
 Routes: POST /v1/chat/completions (streaming and not; usage, stop, max_tokens, temperature, top_p,
-top_k, seed), GET /v1/models, GET /health, GET /metrics (Prometheus text: KV-cache use, batch,
-tokens, per-expert token counts). Errors use the OpenAI error shape.
+top_k, seed, logprobs/top_logprobs, logit_bias), GET /v1/models, GET /health, GET /metrics
+(Prometheus text: KV-cache use, batch, tokens, per-expert token counts). Errors use the OpenAI error
+shape; a feature the runtime cannot honour (tool_choice that forces a call, JSON response formats,
+image parts) is a 400 `unsupported_parameter` naming the field.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from concilium.specialists.runtime.engine import ContextLengthError, Engine, StreamEvent
-from concilium.specialists.runtime.openai_request import RequestError, prompt_ids, sampling_params
+from concilium.specialists.runtime.logprobs import choice_logprobs
+from concilium.specialists.runtime.openai_request import (
+    RequestError,
+    prompt_ids,
+    sampling_params,
+    unsupported_feature,
+)
 
 
 def _error(
@@ -81,10 +89,14 @@ def create_app(engine: Engine, model_name: str, *, default_max_tokens: int = 512
         if not isinstance(body, dict):
             return _error(400, "request body must be a JSON object", "invalid_request_error")
         try:
-            params = sampling_params(body, default_max_tokens=default_max_tokens)
+            if (err := unsupported_feature(body)) is not None:
+                raise err
+            params = sampling_params(
+                body, default_max_tokens=default_max_tokens, vocab_size=engine.model.cfg.vocab_size
+            )
             ids = prompt_ids(body, tokenizer)
         except RequestError as e:
-            return _error(400, e.message, "invalid_request_error", e.param)
+            return _error(400, e.message, "invalid_request_error", e.param, e.code)
         room = engine.max_seq_len - len(ids)
         if room < 1:
             return _error(
@@ -109,10 +121,12 @@ def create_app(engine: Engine, model_name: str, *, default_max_tokens: int = 512
             return _error(503, first.error or "generation failed", "server_error")
 
         if not body.get("stream"):
-            text, last = [first.text], first
+            text, last, lps = [first.text], first, first.logprobs
             try:
                 async for ev in events:
                     text.append(ev.text)
+                    if lps is not None and ev.logprobs:
+                        lps.extend(ev.logprobs)
                     last = ev
             finally:
                 await events.aclose()
@@ -128,6 +142,7 @@ def create_app(engine: Engine, model_name: str, *, default_max_tokens: int = 512
                         {
                             "index": 0,
                             "message": {"role": "assistant", "content": "".join(text)},
+                            "logprobs": choice_logprobs(tokenizer, lps),
                             "finish_reason": last.finish_reason,
                         }
                     ],
@@ -137,8 +152,8 @@ def create_app(engine: Engine, model_name: str, *, default_max_tokens: int = 512
 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-        def chunk(delta: dict[str, Any] | None, finish: str | None = None) -> dict[str, Any]:
-            choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        def chunk(delta: dict[str, Any] | None, finish: str | None = None, lps: Any = None) -> dict[str, Any]:
+            choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}]
             return {
                 "id": cid,
                 "object": "chat.completion.chunk",
@@ -151,6 +166,7 @@ def create_app(engine: Engine, model_name: str, *, default_max_tokens: int = 512
             try:
                 yield _sse(chunk({"role": "assistant", "content": ""}))
                 ev: StreamEvent | None = first
+                pending: list[Any] = []  # log-probs of tokens whose text is still held back
                 while ev is not None:
                     if ev.finish_reason == "error":
                         yield _sse(
@@ -164,8 +180,11 @@ def create_app(engine: Engine, model_name: str, *, default_max_tokens: int = 512
                             }
                         )
                         break
-                    if ev.text:
-                        yield _sse(chunk({"content": ev.text}))
+                    pending.extend(ev.logprobs or [])
+                    if ev.text or (pending and ev.finish_reason is not None):
+                        lps = choice_logprobs(tokenizer, pending) if ev.logprobs is not None else None
+                        pending = []
+                        yield _sse(chunk({"content": ev.text} if ev.text else {}, lps=lps))
                     if ev.finish_reason is not None:
                         yield _sse(chunk({}, ev.finish_reason))
                         if include_usage:

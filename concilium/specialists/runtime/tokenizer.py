@@ -4,8 +4,10 @@ the vocabulary, merges and `tokenizer.chat_template` stored in a GGUF file)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,18 @@ _FALLBACK_TEMPLATE = (
 
 class TokenizerError(ValueError):
     pass
+
+
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE vocabularies (GPT-2, Llama 3, Qwen, SmolLM) spell each byte as one printable
+    character: printable Latin-1 bytes as themselves, the other 68 bytes as U+0100 onwards."""
+    kept = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    moved = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(0x100 + n): b for n, b in enumerate(moved)}
+
+
+_BYTE_OF_CHAR = _byte_of_char()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback
 
 
 def _cache_dir() -> Path:
@@ -60,6 +74,8 @@ class Tokenizer:
         if self.hf.eos_token_id is not None:
             eos.add(int(self.hf.eos_token_id))
         self.eos_token_ids = sorted(eos)
+        self._bytes: dict[int, bytes] = {}
+        self._byte_level: bool | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, eos_token_ids: list[int] | None = None) -> Tokenizer:
@@ -84,6 +100,39 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (part of a character, for some), as log-probs report them."""
+        out = self._bytes.get(token_id)
+        if out is None:
+            out = self._bytes[token_id] = self._token_bytes(int(token_id))
+        return out
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        if not isinstance(piece, str):
+            return b""
+        if token_id in self.hf.added_tokens_decoder:  # special and added tokens are stored as text
+            return piece.encode()
+        if self._is_byte_level():
+            try:
+                return bytes(_BYTE_OF_CHAR[c] for c in piece)
+            except KeyError:
+                return piece.encode()
+        m = _BYTE_TOKEN.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()  # SentencePiece marks spaces with U+2581
+
+    def _is_byte_level(self) -> bool:
+        if self._byte_level is None:
+            backend = getattr(self.hf, "backend_tokenizer", None)
+            decoder = getattr(backend, "decoder", None)
+            name = type(decoder).__name__
+            if name == "Sequence":  # look inside (rare): the decoder's own description
+                name = "ByteLevel" if '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder")) else name
+            self._byte_level = name == "ByteLevel"
+        return self._byte_level
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         try:

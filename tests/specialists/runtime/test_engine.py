@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from concilium.specialists.runtime.engine import ContextLengthError, Engine
 from concilium.specialists.runtime.loader import load_model
@@ -161,3 +162,47 @@ def test_async_stream_and_cancel_on_close(tiny_models):
         assert engine.metrics()["running"] == 0 and engine.cache.free_slots == 4
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_logprobs_are_the_models_log_softmax_and_only_when_asked(tiny_models, arch):
+    """Each generated token's log-prob is log_softmax of the model's logits at its position (checked
+    against transformers' own forward pass), top_logprobs are the k most likely tokens, sorted, and
+    greedy decoding picks the first of them; batched with a request that did not ask, that one gets
+    none and its tokens do not change."""
+    hf, path = tiny_models[arch]
+    engine = _engine(path)
+    asked = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=4)
+    sampled = SamplingParams(
+        max_tokens=8, temperature=1.0, seed=3, ignore_eos=True, logprobs=True, top_logprobs=0
+    )
+    plain = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    greedy, drawn, other = engine.generate_batch([PROMPTS[1], PROMPTS[0], PROMPTS[3]], [asked, sampled, plain])
+    assert other.logprobs is None and other.token_ids == _solo(engine, PROMPTS[3], plain)
+    for prompt, res, k in ((PROMPTS[1], greedy, 4), (PROMPTS[0], drawn, 0)):
+        ids = torch.tensor([prompt + res.token_ids])
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+        assert [e.token for e in res.logprobs] == res.token_ids
+        got = torch.tensor([e.logprob for e in res.logprobs])
+        want = ref.gather(1, torch.tensor(res.token_ids)[:, None]).squeeze(1)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        for e, row in zip(res.logprobs, ref, strict=True):
+            assert len(e.top) == k
+            if k:
+                values = [v for _, v in e.top]
+                assert values == sorted(values, reverse=True)
+                torch.testing.assert_close(torch.tensor(values), row.topk(k).values, atol=1e-4, rtol=1e-4)
+                assert e.top[0][0] == e.token  # greedy takes the most likely token
+    assert any(e.top == [] and e.logprob < -0.5 for e in drawn.logprobs)  # sampling took unlikely ones
+
+
+def test_logit_bias_in_the_engine(tiny_models):
+    engine = _engine(tiny_models["llama"][1])
+    free = _solo(engine, PROMPTS[0], GREEDY)
+    forced = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logit_bias={123: 100.0})
+    assert _solo(engine, PROMPTS[0], forced) == [123] * 6
+    banned = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logit_bias={free[0]: -100.0})
+    assert _solo(engine, PROMPTS[0], banned)[0] != free[0]
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.submit([1, 2], SamplingParams(logit_bias={10_000: 1.0}), lambda ev: None)

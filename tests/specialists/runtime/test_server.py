@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from concilium.specialists.runtime.tokenizer import Tokenizer
 from tests.support import ROOT, free_port, http_json, wait_until
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -175,3 +176,28 @@ def test_client_disconnect_cancels_generation(server):
         "cancellation",
     )
     wait_until(lambda: _metric(server, "concilium_runtime_kv_cache_slots_used") == 0, 30, "slot release")
+
+
+def test_logprobs_logit_bias_and_unsupported_features(server, smollm2_path):
+    c = _client(server)
+    kw = dict(model="smol", messages=QUESTION, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+    r = c.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    assert all(t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob for t in content)
+    chunks = list(c.chat.completions.create(**kw, stream=True))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    (first,) = Tokenizer.from_checkpoint(smollm2_path).encode(content[0].token)
+    banned = c.chat.completions.create(
+        model="smol", messages=QUESTION, max_tokens=1, temperature=0, logit_bias={str(first): -100}
+    )
+    assert banned.choices[0].message.content == content[0].top_logprobs[1].token  # the next most likely
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for extra, param in [
+        (dict(tools=tools, tool_choice="required"), "tool_choice"),
+        (dict(response_format={"type": "json_object"}), "response_format"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="smol", messages=QUESTION, max_tokens=4, **extra)
+        assert e.value.body["param"] == param and e.value.body["code"] == "unsupported_parameter"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from concilium.specialists.runtime.detokenizer import IncrementalDecoder
-from concilium.specialists.runtime.sampling import SamplingError, SamplingParams, sample
+from concilium.specialists.runtime.sampling import SamplingError, SamplingParams, sample, token_logprobs
 
 
 def _bytes_decode(ids: list[int]) -> str:
@@ -86,3 +86,56 @@ def test_greedy_topk_topp_and_seeds():
         SamplingParams(top_k=1).greedy
         and SamplingParams(temperature=0.0).make_generator(torch.device("cpu")) is None
     )
+
+
+def test_generation_cut_inside_a_character_releases_no_replacement_character():
+    """max_tokens (or EOS) can end generation between the bytes of one character: the incomplete
+    character is dropped, never released as U+FFFD."""
+    dec = IncrementalDecoder(_bytes_decode, [])
+    cosmos = "🌌".encode()
+    pieces = [dec.push(b) for b in b"ok " + cosmos + cosmos[:2]]
+    pieces.append(dec.flush())
+    assert "".join(pieces) == "ok 🌌" and dec.text == "ok 🌌"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_invalid_bytes_inside_the_text_stream_as_they_decode():
+    """A lone byte the model produced mid-text stays what the whole text decodes to, so the pieces
+    still add up to the non-streamed text."""
+    raw = b"a\xf0b" + "é".encode()
+    dec = IncrementalDecoder(_bytes_decode, [])
+    pieces = [dec.push(b) for b in raw] + [dec.flush()]
+    assert "".join(pieces) == raw.decode("utf-8", errors="replace") == "a\ufffdbé"
+
+
+def test_logit_bias_moves_sampling_and_greedy():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]])
+    assert sample(logits, [SamplingParams(temperature=0, logit_bias={4: 5.0})], [None]) == [4]
+    banned = SamplingParams(temperature=1.0, seed=0, logit_bias={1: -100.0, 2: -100.0})
+    g = banned.make_generator(torch.device("cpu"))
+    assert not {sample(logits, [banned], [g])[0] for _ in range(200)} & {1, 2}
+    assert sample(logits, [SamplingParams(temperature=0)], [None]) == [1]  # the logits were not changed
+    for bad in ({1: 101.0}, {-1: 1.0}):
+        with pytest.raises(SamplingError, match="logit_bias"):
+            SamplingParams(logit_bias=bad).validate()
+    with pytest.raises(SamplingError, match="top_logprobs"):
+        SamplingParams(logprobs=True, top_logprobs=21).validate()
+
+
+def test_token_logprobs_are_log_softmax_of_the_logits():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0], [5.0, 0.0, 0.5, 0.0, 0.0]])
+    out = token_logprobs(logits, [0, 1], [2, 0], [3, 0])
+    ref = torch.log_softmax(logits, dim=-1)
+    assert out[0].token == 2 and out[0].logprob == pytest.approx(float(ref[0, 2]))
+    assert [t for t, _ in out[0].top] == [1, 2, 4]
+    assert [v for _, v in out[0].top] == pytest.approx(ref[0, [1, 2, 4]].tolist())
+    assert out[1].logprob == pytest.approx(float(ref[1, 0])) and out[1].top == []
+
+
+def test_cut_inside_a_character_keeps_the_whole_characters_of_its_token():
+    """A token can hold a whole character and the first byte of the next one (" \\xf0"): the space
+    is kept, only the unfinished character goes."""
+    vocab = [b"ok", b" \xf0", b"\x9f\x8c"]
+    dec = IncrementalDecoder(lambda ids: b"".join(vocab[i] for i in ids).decode("utf-8", "replace"), [])
+    pieces = [dec.push(i) for i in (0, 1, 2)] + [dec.flush()]
+    assert pieces == ["ok", "", "", " "] and dec.text == "ok "
