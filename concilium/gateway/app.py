@@ -23,7 +23,7 @@ from concilium.gateway.fastpath import FastPath
 from concilium.gateway.limits import BodySizeLimit
 from concilium.gateway.metrics import Metrics
 from concilium.gateway.schemas import ChatCompletionRequest, RouteRequest
-from concilium.gateway.state import GatewayState
+from concilium.pipeline.state import PolicyState
 from concilium.settings import Settings
 
 log = logging.getLogger("concilium.gateway")
@@ -67,7 +67,7 @@ def _body_schema(model: type) -> dict[str, Any]:
 def create_app(settings: Settings | None = None, policy_path: str | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
-    state = GatewayState(policy_path or settings.policy, metrics)
+    state = PolicyState(policy_path or settings.policy, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -13,13 +13,14 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from concilium.core.plan import RoutePlan
 from concilium.gateway.errors import APIError, sse_error
+from concilium.gateway.headers import plan_headers
 from concilium.gateway.responses import EventStreamResponse
 from concilium.gateway.schemas import ChatCompletionRequest
-from concilium.gateway.state import Snapshot, plan_headers
 from concilium.guard import privacy
+from concilium.pipeline.state import Snapshot
 from concilium.router.decide import DecisionError, decide
-from concilium.core.plan import RoutePlan
 from concilium.specialists import call
 from concilium.specialists.base import CONTEXT_LENGTH_EXCEEDED, ProviderError
 

@@ -28,7 +28,8 @@ from starlette.responses import Response, StreamingResponse
 from concilium.core.plan import RoutePlan
 from concilium.gateway.chat import no_candidates, plan_request, read_json, request_id
 from concilium.gateway.errors import APIError, error_response, sse_error
-from concilium.gateway.state import Snapshot, header_value, plan_headers
+from concilium.gateway.headers import header_value, plan_headers
+from concilium.pipeline.state import Snapshot
 from concilium.policy.jobs import jobs_config, parse_jobs
 from concilium.specialists.base import chunk, completion, sse_event
 from concilium.workers.responses import (

@@ -103,24 +103,31 @@ def end_outside_run(job_id: str, error: dict[str, str]) -> None:
 
     rt = runtime.installed()
     if rt is not None:  # a pool child or the embedded gateway: its own loop and store
-        snaps = getattr(rt, "snapshots", None)
+        state = getattr(rt, "policy", None)
         rt.call(end_from_events(rt.store, job_id, "failed", error=error,
-                                cost=snaps.cost_usd if snaps else None))
+                                cost=state.current.cost_usd if state else None))
         return
 
+    from concilium.policy.loader import PolicyError, load_policy
+    from concilium.policy.pricing import usage_cost_usd
     from concilium.settings import Settings
-    from concilium.workers.runtime import PolicySnapshots
     from concilium.workers.store_redis import RedisJobStore
 
     settings, env = Settings(), JobsEnv()
     if not settings.redis_url:
         return
 
+    def cost(model: str, usage: dict | None) -> float | None:  # under the policy file as it is now
+        try:
+            spec = load_policy(settings.policy).models.get(model)
+        except PolicyError:
+            return None
+        return usage_cost_usd(spec, usage) if spec is not None else None
+
     async def go() -> None:
         store = RedisJobStore(settings.redis_url, env.key_prefix, env.redis_retry_s)
         try:
-            await end_from_events(store, job_id, "failed", error=error,
-                                  cost=PolicySnapshots(settings.policy).cost_usd)
+            await end_from_events(store, job_id, "failed", error=error, cost=cost)
         finally:
             await store.close()
 

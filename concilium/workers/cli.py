@@ -83,7 +83,7 @@ def _warm_up(**_: object) -> None:
     In a pool process this runs in a thread of its own: loading a local model takes longer than
     Celery waits for a new pool process to report for work, and a process that does not report in
     time is killed and replaced, forever. The first job waits for the load instead (see
-    `PolicySnapshots.current`)."""
+    `ProcessRuntime.snapshot`)."""
     import threading
 
     threading.Thread(target=_load_policy, name="concilium-warm-up", daemon=True).start()
@@ -96,6 +96,6 @@ def _load_policy() -> None:
 
     try:
         rt = runtime.current()
-        rt.call(rt.snapshots.current())  # type: ignore[attr-defined]
+        rt.call(rt.snapshot())  # type: ignore[attr-defined]
     except Exception as e:
         logging.getLogger("concilium.workers").warning("worker warm-up failed: %s", e)

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from concilium.core.plan import RoutePlan
-from concilium.gateway.state import Snapshot
+from concilium.pipeline.state import Snapshot
 from concilium.specialists import call
 from concilium.specialists.base import ProviderError
 from concilium.workers.config import JobsEnv

@@ -1,7 +1,8 @@
 """Where a job's coroutine runs: a Celery task thread hands it to an asyncio loop and waits.
 
 - In a worker process (`concilium worker`, Redis), each process has its own loop thread, its own
-  Redis store and its own providers, built from the policy file and rebuilt when the file changes.
+  Redis store and its own `PolicyState` (the gateway's class), looked at before each job and
+  reloaded when the file changed.
 - In the embedded mode, the loop is the gateway's own, with the gateway's providers (a local model
   is loaded once) and the in-memory store.
 """
@@ -16,78 +17,12 @@ import threading
 from collections.abc import Coroutine
 from typing import Any
 
-from concilium.gateway.state import Snapshot
-from concilium.policy.loader import PolicyError, load_policy
-from concilium.policy.schema import Policy
-from concilium.specialists.call import CallContext
-from concilium.specialists.health import CircuitBreaker
-from concilium.specialists.registry import Registry
+from concilium.pipeline.state import PolicyState, Snapshot
 from concilium.workers.config import JobsEnv
 from concilium.workers.runner import JobRunner, RunResult
 from concilium.workers.store import JobStore
 
 log = logging.getLogger("concilium.workers")
-
-
-class PolicySnapshots:
-    """A worker's providers for the policy file, rebuilt (keeping unchanged providers) on change."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.breaker = CircuitBreaker()
-        self._snap: Snapshot | None = None
-        self._mtime = 0.0
-        self._version = 0
-        self._lock: asyncio.Lock | None = None  # one (re)load at a time: the warm-up and a first job share it
-
-    def _stat(self) -> float:
-        try:
-            return os.stat(self.path).st_mtime
-        except OSError:
-            return self._mtime
-
-    def build(self, policy: Policy) -> Snapshot:
-        registry = Registry.build(policy, self._snap.registry if self._snap else None)
-        self.breaker.configure(policy.circuit_breaker.failures, policy.circuit_breaker.cooldown_s)
-        ctx = CallContext(providers=registry.get, breaker=self.breaker, retry=policy.retry)
-        self._version += 1
-        return Snapshot(policy, registry, None, ctx, self._version)
-
-    async def current(self) -> Snapshot:
-        mtime = self._stat()
-        if self._snap is not None and mtime == self._mtime:
-            return self._snap
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._snap is not None and self._stat() == self._mtime:
-                return self._snap  # loaded by whoever held the lock
-            return await self._reload(mtime)
-
-    async def _reload(self, mtime: float) -> Snapshot:
-        try:
-            policy = await asyncio.to_thread(load_policy, self.path)
-        except PolicyError as e:
-            if self._snap is None:
-                raise
-            log.error("policy reload refused, keeping version %d:\n%s", self._snap.version, e)
-            self._mtime = mtime
-            return self._snap
-        new = self.build(policy)
-        await new.registry.start_all()  # published only once its providers (a local model) are up
-        old, self._snap, self._mtime = self._snap, new, mtime
-        if old is not None:
-            retired = old.registry.retired(self._snap.registry)
-            await asyncio.gather(*(p.close() for p in retired), return_exceptions=True)
-        return self._snap
-
-    def cost_usd(self, model: str, usage: dict | None) -> float | None:
-        """Price of a usage under the policy file as it is now (no providers started)."""
-        try:
-            snap = self._snap or self.build(load_policy(self.path))
-        except PolicyError:
-            return None
-        return snap.cost_usd(model, usage) if model in snap.policy.models else None
 
 
 class Runtime:
@@ -121,17 +56,23 @@ class Runtime:
 
 
 class ProcessRuntime(Runtime):
-    """A worker process's runtime: a loop thread, a Redis store and providers from the policy file."""
+    """A worker process's runtime: a loop thread, a Redis store and the policy file's state."""
 
     def __init__(self, policy_path: str, redis_url: str, env: JobsEnv, can_kill: bool) -> None:
         from concilium.workers.store_redis import RedisJobStore
 
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, name="concilium-jobs-loop", daemon=True).start()
-        self.snapshots = PolicySnapshots(policy_path)
+        self.policy = PolicyState(policy_path)  # raises PolicyError for a broken file
         store = RedisJobStore(redis_url, env.key_prefix, env.redis_retry_s)
-        runner = JobRunner(store, env, self.snapshots.current, can_kill)
+        runner = JobRunner(store, env, self.snapshot, can_kill)
         super().__init__(store, runner, loop)
+
+    async def snapshot(self) -> Snapshot:
+        """The policy for the next job: providers started (a local model loads once; whoever comes
+        first waits for it), the file looked at again."""
+        await self.policy.start()
+        return await self.policy.refresh()
 
 
 _installed: Runtime | None = None

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from concilium.core.plan import RoutePlan
-from concilium.gateway.state import GatewayState, Snapshot
+from concilium.pipeline.state import PolicyState, Snapshot
 from concilium.policy.jobs import JobsConfig, jobs_config
 from concilium.policy.schema import Route
 from concilium.workers.celery_app import TASK_NAME, make_celery
@@ -62,7 +62,7 @@ class JobService:
             store = MemoryJobStore()
         return cls(store, env, redis_url, cfg.queues)
 
-    async def start(self, state: GatewayState) -> None:
+    async def start(self, state: PolicyState) -> None:
         """Embedded mode: run the worker threads, with jobs on this (the gateway's) event loop."""
         if self.redis_url:
             return

@@ -40,7 +40,7 @@ def gw(upstream, gateway_factory):
 
 
 def test_header_value_encoding():
-    from concilium.gateway.state import header_value
+    from concilium.gateway.headers import header_value
 
     assert header_value("gpt-4o-mini; route main: always") == "gpt-4o-mini; route main: always"
     assert header_value(ROCKET) == "d%C3%A9faut-%F0%9F%9A%80" == quote(ROCKET, safe="-")

@@ -1,8 +1,10 @@
-"""The gateway's live state: one immutable snapshot per policy version, swapped atomically on reload.
+"""The live policy: one immutable snapshot per policy version, swapped atomically on reload.
 
-A request takes the current snapshot when it starts and keeps it to the end, so a reload never
-changes a request in flight; providers that a new policy no longer uses are closed after a grace
-period.
+The same class serves the gateway (which watches the file in the background and reloads on SIGHUP)
+and every worker process (which looks at the file before each job: `refresh`). A request or a job
+takes the current snapshot when it starts and keeps it to the end, so a reload never changes work in
+flight; providers that a new policy no longer uses are closed after a grace period, never while
+work that started under the old policy may still use them.
 """
 
 from __future__ import annotations
@@ -11,17 +13,18 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from concilium.policy.loader import PolicyError, load_policy
+from concilium.policy.pricing import usage_cost_usd
 from concilium.policy.schema import Policy
-from concilium.core.plan import RoutePlan
 from concilium.specialists.call import CallContext
 from concilium.specialists.health import CircuitBreaker
 from concilium.specialists.registry import Registry
 
-log = logging.getLogger("concilium.gateway")
+log = logging.getLogger("concilium.policy")
 RETIRE_GRACE_S = 120.0
 
 
@@ -58,23 +61,23 @@ class Snapshot:
         return self.registry.context_limit(model)
 
     def cost_usd(self, model: str, usage: dict | None) -> float | None:
-        if not usage:
-            return None
-        price = self.policy.models[model].price
-        return ((usage.get("prompt_tokens") or 0) * price.input
-                + (usage.get("completion_tokens") or 0) * price.output) / 1e6
+        spec = self.policy.models.get(model)
+        return usage_cost_usd(spec, usage) if spec is not None else None
 
 
-class GatewayState:
+class PolicyState:
+    """`current` is the snapshot to use now. `metrics` (optional) counts reloads and upstream errors."""
+
     def __init__(self, policy_path: str, metrics: Any = None) -> None:
         self.policy_path = policy_path
         self.metrics = metrics
         self.breaker = CircuitBreaker()
-        self._mtime = 0.0
         self._version = 0
-        self.current: Snapshot = self._build(load_policy(policy_path), None)
+        self._lock: asyncio.Lock | None = None  # one reload at a time (created on the serving loop)
         self._mtime = self._stat()
+        self.current: Snapshot = self._build(load_policy(policy_path), None)
         self._tasks: list[asyncio.Task] = []
+        self._starting: tuple[Snapshot, asyncio.Future] | None = None
 
     def _stat(self) -> float:
         try:
@@ -82,23 +85,29 @@ class GatewayState:
         except OSError:
             return 0.0
 
+    def _on_error(self) -> Callable[[str, Any], None] | None:
+        if self.metrics is None:
+            return None
+        errors = self.metrics.upstream_errors
+        return lambda model, err: errors.labels(model, err.code or "error").inc()
+
     def _build(self, policy: Policy, previous: Snapshot | None) -> Snapshot:
         registry = Registry.build(policy, previous.registry if previous else None)
         self.breaker.configure(policy.circuit_breaker.failures, policy.circuit_breaker.cooldown_s)
-
-        def on_error(model: str, err: Any) -> None:
-            if self.metrics is not None:
-                self.metrics.upstream_errors.labels(model, err.code or "error").inc()
-
         ctx = CallContext(providers=registry.get, breaker=self.breaker, retry=policy.retry,
-                          on_attempt_error=on_error)
+                          on_attempt_error=self._on_error())
         self._version += 1
         return Snapshot(policy, registry, load_dispatcher(policy), ctx, self._version)
 
     async def start(self) -> None:
-        await self.current.registry.start_all()
+        """Start the current snapshot's providers, once: concurrent callers wait for the same start."""
+        snap = self.current
+        if self._starting is None or self._starting[0] is not snap:
+            self._starting = (snap, asyncio.ensure_future(snap.registry.start_all()))
+        await asyncio.shield(self._starting[1])
 
     def start_background(self, watch_s: float) -> None:
+        """Reload on SIGHUP and, every `watch_s` seconds (0 = never), when the file changed."""
         loop = asyncio.get_running_loop()
         try:
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload("SIGHUP")))
@@ -110,30 +119,46 @@ class GatewayState:
     async def _watch(self, every: float) -> None:
         while True:
             await asyncio.sleep(every)
-            m = self._stat()
-            if m and m != self._mtime:
-                await self.reload("file change")
+            await self.refresh()
+
+    async def refresh(self) -> Snapshot:
+        """The current snapshot, reloaded first if the file changed since the last load."""
+        m = self._stat()
+        if m and m != self._mtime:
+            await self.reload("file change")
+        return self.current
 
     async def reload(self, why: str = "request") -> bool:
         """Load the policy file again; on any error keep the running policy and log why."""
-        self._mtime = self._stat()
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            return await self._reload(why)
+
+    async def _reload(self, why: str) -> bool:
+        mtime = self._stat()
+        if why == "file change" and mtime == self._mtime:
+            return True  # loaded by the reload that held the lock
+        self._mtime = mtime
         try:
             policy = await asyncio.to_thread(load_policy, self.policy_path)
             snap = await asyncio.to_thread(self._build, policy, self.current)
-            await snap.registry.start_all()
+            await snap.registry.start_all()  # published only once its providers (a local model) are up
         except PolicyError as e:
             log.error("policy reload (%s) refused, keeping version %d:\n%s", why, self.current.version, e)
-            if self.metrics is not None:
-                self.metrics.policy_reloads.labels("refused").inc()
+            self._count("refused")
             return False
         old, self.current = self.current, snap
         log.info("policy reloaded (%s): version %d", why, snap.version)
-        if self.metrics is not None:
-            self.metrics.policy_reloads.labels("ok").inc()
+        self._count("ok")
         retired = old.registry.retired(snap.registry)
         if retired:
             self._tasks.append(asyncio.ensure_future(self._close_later(retired)))
         return True
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.policy_reloads.labels(outcome).inc()
 
     async def _close_later(self, providers: list) -> None:
         await asyncio.sleep(RETIRE_GRACE_S)
@@ -143,23 +168,3 @@ class GatewayState:
         for t in self._tasks:
             t.cancel()
         await self.current.registry.close_all()
-
-
-def header_value(text: str) -> str:
-    """`text` as an HTTP header value: printable ASCII stays as it is, every other character and '%'
-    itself become percent-encoded UTF-8 (RFC 3986), so `urllib.parse.unquote` gives `text` back.
-    Header values are bytes on the wire: a name such as 'défaut-🚀' cannot go out raw."""
-    if text.isascii() and text.isprintable() and "%" not in text:
-        return text  # every name in a typical policy: no copy
-    return "".join(ch if " " <= ch <= "~" and ch != "%" else
-                   "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")) for ch in text)
-
-
-def plan_headers(plan: RoutePlan, model: str | None = None) -> dict[str, str]:
-    """The x-concilium-* headers of a planned request; names are encoded with `header_value`."""
-    return {
-        "x-request-id": plan.request_id,
-        "x-concilium-model": header_value(model or (plan.candidates[0].model if plan.candidates else "")),
-        "x-concilium-route": header_value(plan.route),
-        "x-concilium-reason": header_value(plan.summary),
-    }
