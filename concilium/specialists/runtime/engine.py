@@ -84,6 +84,7 @@ class _Sequence:
     decoder: IncrementalDecoder
     stop_ids: frozenset[int]
     generator: torch.Generator | None = None
+    counts: torch.Tensor | None = None  # [V] times each token was generated (penalized requests only)
     slot: int = -1
     num_cached: int = 0  # tokens whose keys/values are in the cache
     generated: list[int] = field(default_factory=list)
@@ -188,6 +189,7 @@ class Engine:
             decoder=IncrementalDecoder(self._decode_text, params.stop),
             stop_ids=frozenset() if params.ignore_eos else self.eos_ids | frozenset(params.stop_token_ids),
             generator=params.make_generator(self.model.device),
+            counts=torch.zeros(vocab, device=self.model.device) if params.penalized else None,
         )
         with self._cv:
             self._incoming.append(seq)
@@ -230,7 +232,7 @@ class Engine:
     def _prefill(self, seqs: list[_Sequence]) -> None:
         batch = ForwardBatch.for_prefill([(s.prompt, s.slot) for s in seqs], self.model.device)
         logits = self.model(batch, self.cache)
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self._counts(seqs))
         lps = self._logprobs(logits, seqs, tokens)
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += batch.input_ids.numel()
@@ -251,7 +253,7 @@ class Engine:
         if logits is None:
             batch = ForwardBatch.for_decode(tokens, slots, positions, self.model.device)
             logits = self.model(batch, self.cache)
-        new = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        new = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self._counts(seqs))
         lps = self._logprobs(logits, seqs, new)
         self.stats.decode_steps += 1
         self.stats.decode_batch_sizes.append(len(seqs))
@@ -260,6 +262,11 @@ class Engine:
             seq.num_cached += 1
             self.cache.lengths[seq.slot] = seq.num_cached
             self._accept(seq, tok, lp)
+
+    @staticmethod
+    def _counts(seqs: list[_Sequence]) -> list[torch.Tensor | None] | None:
+        counts = [s.counts for s in seqs]
+        return counts if any(c is not None for c in counts) else None
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, seqs: list[_Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
@@ -276,6 +283,8 @@ class Engine:
 
     def _accept(self, seq: _Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         seq.generated.append(token)
+        if seq.counts is not None:
+            seq.counts[token] += 1
         self.stats.generated_tokens += 1
         finish: str | None = None
         if token in seq.stop_ids:

@@ -3,7 +3,7 @@
 Shared by the model server and the gateway's in-process `local` provider so both read a request the
 same way. Problems raise `RequestError` naming the offending parameter (a 400 for clients).
 
-The runtime honours `logprobs` / `top_logprobs` and `logit_bias`. It does not call tools, constrain
+The runtime honours `logprobs` / `top_logprobs`, `logit_bias` and the presence/frequency penalties. It does not call tools, constrain
 its output to JSON or read images: `unsupported_feature()` names the field of a request that asks
 for one of those (tools it would have to call, a JSON response format, image/audio/file parts), so
 it can be refused with a 400 and a router can send such requests to a model that serves them.
@@ -115,6 +115,8 @@ def sampling_params(
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         logit_bias=_logit_bias(body, vocab_size),
+        presence_penalty=_number(body, "presence_penalty", 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0),
     )
     try:
         return params.validate()

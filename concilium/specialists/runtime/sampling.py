@@ -1,9 +1,11 @@
 """Sampling parameters and next-token selection for a batch with per-request settings.
 
 Each request that samples owns a `torch.Generator` seeded from its `seed`, so a request draws the
-same tokens whether it runs alone or inside a batch. `logit_bias` is added to a request's logits
-before it samples; log-probs (`token_logprobs`) are computed only for the rows that ask for them,
-from the model's own distribution (before temperature, top-k/top-p and logit_bias).
+same tokens whether it runs alone or inside a batch. `logit_bias` and the presence/frequency
+penalties (OpenAI's: minus frequency_penalty x count and presence_penalty x seen, over the tokens
+generated so far) change a request's logits before it samples; log-probs (`token_logprobs`) are
+computed only for the rows that ask for them, from the model's own distribution (before
+temperature, top-k/top-p, logit_bias and penalties).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class SamplingParams:
     logprobs: bool = False  # report each generated token's log-prob
     top_logprobs: int = 0  # ... and the k most likely tokens at each position (0-20)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    presence_penalty: float = 0.0  # -2..2, subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # -2..2, subtracted per time a token was generated so far
     _bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def validate(self) -> SamplingParams:
@@ -48,6 +52,9 @@ class SamplingParams:
             raise SamplingError("stop must be up to 16 non-empty strings")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise SamplingError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise SamplingError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
         for t, v in self.logit_bias.items():
             if not isinstance(t, int) or t < 0 or not -100 <= v <= 100:
                 raise SamplingError("logit_bias maps token ids (>= 0) to values from -100 to 100")
@@ -59,6 +66,10 @@ class SamplingParams:
             ids = torch.tensor(list(self.logit_bias), dtype=torch.long, device=device)
             self._bias = ids, torch.tensor(list(self.logit_bias.values()), dtype=torch.float32, device=device)
         return self._bias
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -86,22 +97,34 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def _with_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    rows = [b for b, p in enumerate(params) if p.logit_bias]
+def _processed(
+    logits: torch.Tensor, params: list[SamplingParams], counts: list[torch.Tensor | None] | None
+) -> torch.Tensor:
+    """`logits` with each row's logit_bias and penalties applied (the same tensor when none apply)."""
+    rows = [b for b, p in enumerate(params) if p.logit_bias or (counts is not None and counts[b] is not None)]
     if not rows:
         return logits
     logits = logits.clone()  # the caller's logits stay the model's (log-probs are computed from them)
     for b in rows:
-        ids, values = params[b].bias(logits.device)
-        logits[b].index_add_(0, ids, values.to(logits.dtype))
+        p = params[b]
+        if p.logit_bias:
+            ids, values = p.bias(logits.device)
+            logits[b].index_add_(0, ids, values.to(logits.dtype))
+        seen = counts[b] if counts is not None else None
+        if seen is not None:
+            logits[b] -= p.frequency_penalty * seen + p.presence_penalty * (seen > 0).to(logits.dtype)
     return logits
 
 
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    counts: list[torch.Tensor | None] | None = None,
 ) -> list[int]:
-    """Next token for each row of `logits` [B, V] (fp32)."""
-    logits = _with_bias(logits, params)
+    """Next token for each row of `logits` [B, V] (fp32). `counts[b]` (for penalized rows): how often
+    each token was generated so far, a [V] float tensor."""
+    logits = _processed(logits, params, counts)
     out = logits.argmax(dim=-1).tolist()
     for b, p in enumerate(params):
         if not p.greedy:

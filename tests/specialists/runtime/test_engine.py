@@ -206,3 +206,24 @@ def test_logit_bias_in_the_engine(tiny_models):
     assert _solo(engine, PROMPTS[0], banned)[0] != free[0]
     with pytest.raises(ValueError, match="logit_bias"):
         engine.submit([1, 2], SamplingParams(logit_bias={10_000: 1.0}), lambda ev: None)
+
+
+def test_presence_and_frequency_penalties(tiny_models):
+    """Each step's logits lose frequency_penalty x (times the token was generated) + presence_penalty
+    x (whether it was): greedy decoding then follows transformers' logits with those penalties."""
+    hf, path = tiny_models["llama"]
+    engine = _engine(path)
+    plain = _solo(engine, PROMPTS[2], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    assert len(set(plain)) < len(plain)  # without penalties this model repeats itself
+    p = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, presence_penalty=0.7, frequency_penalty=0.4)
+    got = _solo(engine, PROMPTS[2], p)
+    assert got != plain
+    counts = torch.zeros(hf.config.vocab_size)
+    for i, tok in enumerate(got):
+        with torch.no_grad():
+            logits = hf(torch.tensor([PROMPTS[2] + got[:i]])).logits[0, -1].float()
+        logits -= 0.4 * counts + 0.7 * (counts > 0).float()
+        assert int(logits.argmax()) == tok
+        counts[tok] += 1
+    with pytest.raises(SamplingError, match="presence_penalty"):
+        SamplingParams(presence_penalty=2.5).validate()

@@ -78,3 +78,12 @@ def test_features_the_local_model_cannot_honour(body, param):
 )
 def test_features_the_local_model_serves(body):
     assert unsupported_feature({"messages": USER, **body}) is None
+
+
+def test_penalties_are_read_and_checked():
+    p = _params(presence_penalty=0.5, frequency_penalty=-1)
+    assert (p.presence_penalty, p.frequency_penalty) == (0.5, -1.0)
+    for key in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(RequestError) as e:
+            _params(**{key: 3})
+        assert e.value.param == key
