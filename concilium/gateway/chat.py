@@ -133,6 +133,8 @@ async def chat_completions(request: Request) -> Response:
         ticket, plan = await guard.admit(request, body, plan, snap, plan_headers(plan))
     try:
         jobs = getattr(request.app.state, "jobs", None)
+        if plan.mode == "background" and jobs is not None and not jobs.takes(body):
+            plan = plan.model_copy(update={"mode": "interactive"})
         if plan.mode == "background" and jobs is not None:
             resp = await jobs.divert_chat(request, body, plan, snap)
             if ticket is not None:

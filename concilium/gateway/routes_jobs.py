@@ -281,9 +281,13 @@ class ChatDiversion:
     def __init__(self, service: JobService) -> None:
         self.service = service
 
+    @staticmethod
+    def takes(body: dict[str, Any]) -> bool:
+        """Whether this chat request can run as a job: jobs carry text answers only, so a request
+        with tools is answered at once (by the caller, who settles its ticket)."""
+        return not (body.get("tools") or body.get("functions"))
+
     async def divert_chat(self, request: Request, body: dict[str, Any], plan: RoutePlan, snap: Snapshot) -> Response:
-        if body.get("tools") or body.get("functions"):
-            return await self._interactive(request, body, plan, snap)  # jobs carry text answers only
         tmpl = template({**body, "background": True}, body["model"], time.time())
         job_id, _ = await _submit(request, "chat", body, tmpl, plan, snap, body)
         model = plan.candidates[0].model
@@ -313,15 +317,6 @@ class ChatDiversion:
                          result.get("text") or "", _finish_reason(rec["status"]), _chat_usage(result.get("usage")),
                          created=rec["spec"]["response"]["created_at"])
         return _json(out, headers={**headers, "x-concilium-model": header_value(str(result.get("model") or model))})
-
-    async def _interactive(self, request: Request, body: dict[str, Any], plan: RoutePlan, snap: Snapshot) -> Response:
-        from concilium.gateway import chat
-
-        plan = plan.model_copy(update={"mode": "interactive"})
-        t0 = time.perf_counter()
-        if body.get("stream"):
-            return await chat._stream(request, body, plan, snap, t0)
-        return await chat._complete(request, body, plan, snap, t0)
 
     async def _chunks(self, job_id: str, model: str, want_usage: bool) -> AsyncIterator[bytes]:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -43,5 +44,31 @@ def test_background_responses_reserve_and_are_charged(fake_upstream, tmp_path):
         c2.responses.create(model="cheap", input="x", background=True, max_output_tokens=5)  # the 2nd charge
         with pytest.raises(openai.RateLimitError):
             c2.responses.create(model="cheap", input="y", background=True, max_output_tokens=5)
+    finally:
+        g.stop()
+
+
+def test_a_chat_with_tools_on_a_background_route_pays_its_usage(fake_upstream, tmp_path):
+    """Jobs carry text answers only, so such a chat is answered at once: it is billed what it used,
+    not its reservation."""
+    key, h = make_key()
+    routes = "routes:\n  - name: default\n    targets: [cheap]\n    mode: background\n"
+    keys = f"keys:\n  - name: t\n    hash: {h}\n    budget: {{usd_per_day: 1.0}}\n"
+    g = start_gateway(upstream_policy(fake_upstream.url, keys, routes), tmp_path / "p.yaml")
+    try:
+        client = g.client(api_key=key)
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        for stream in (False, True):
+            raw = client.chat.completions.with_raw_response.create(
+                model="concilium/auto", messages=[{"role": "user", "content": "a b c"}], tools=tools,
+                max_tokens=100, stream=stream, stream_options={"include_usage": True} if stream else None)
+            assert "x-concilium-job-id" not in raw.headers
+            if stream:
+                list(raw.parse())
+        r = httpx.get(g.base_url + "/v1/usage", headers={"authorization": f"Bearer {key}"})
+        assert r.status_code == 200
+        usage = r.json()
+        # each answer: 13 completion tokens at $1000/M = $0.013 (the reservation was 100 tokens: $0.10)
+        assert usage["scopes"][0]["spent_usd"]["day"] == pytest.approx(2 * 0.013)
     finally:
         g.stop()
