@@ -62,9 +62,9 @@ class RoutePlan(BaseModel):
 
     @property
     def summary(self) -> str:
-        """One line for the x-concilium-reason header (ASCII, no newlines): the choice, the route and
-        any skipped models first, then the rest (ranking, prediction) as room allows."""
+        """One line for the x-concilium-reason header (no newlines; the header percent-encodes what is
+        not printable ASCII): the choice, the route and any skipped models first, then the rest
+        (ranking, prediction) as room allows."""
         first = self.reasons[:2] + [r for r in self.reasons[2:] if r.startswith("skipped")]
         rest = [r for r in self.reasons[2:] if not r.startswith("skipped")]
-        line = "; ".join(first + rest).replace("\n", " ")
-        return line.encode("ascii", "replace").decode()[:500]
+        return "; ".join(first + rest).replace("\r", " ").replace("\n", " ")[:500]

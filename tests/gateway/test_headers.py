@@ -23,13 +23,17 @@ models:
   "{ROCKET}": {{provider: openai, base_url: "{url}", model: rocket}}
   "{CAFE}": {{provider: openai, base_url: "{url}", model: cafe}}
 routes:
+  - name: "{ROCKET} jobs"
+    match: {{model: [concilium/jobs]}}
+    targets: ["{ROCKET}"]
+    mode: background
   - name: "{CAFE}"
     match: {{model: [concilium/cafe]}}
     targets: ["{CAFE}"]
   - name: "{ROCKET}"
     targets: ["{ROCKET}"]
 router:
-  virtual_models: [concilium/auto, concilium/cafe]
+  virtual_models: [concilium/auto, concilium/cafe, concilium/jobs]
 retry: {{attempts: 0, backoff_s: 0.01, backoff_max_s: 0.05}}
 """
 
@@ -64,6 +68,7 @@ def test_unicode_names_answer_with_encoded_headers(gw, upstream):
     assert raw.status_code == 200 and raw.parse().choices[0].message.content
     assert unquote(raw.headers["x-concilium-model"]) == ROCKET
     assert unquote(raw.headers["x-concilium-route"]) == ROCKET
+    assert f"route {ROCKET}" in unquote(raw.headers["x-concilium-reason"])  # the name, not '?' marks
     with client.chat.completions.with_streaming_response.create(model=ROCKET, messages=MSG, stream=True) as s:
         assert s.status_code == 200 and unquote(s.headers["x-concilium-model"]) == ROCKET
         assert "[DONE]" in "".join(s.iter_lines())
@@ -84,3 +89,10 @@ def test_failures_with_unicode_names_are_errors_not_500s(gw, upstream):
     assert metric(gw, f'concilium_requests_total{{model="{ROCKET}",route="{ROCKET}",status="error"}}') == 1.0
     assert metric(gw, f'concilium_requests_total{{model="{ROCKET}",route="{ROCKET}",status="ok"}}') == 0.0
     assert http_json("GET", gw.base_url + "/healthz")[0] == 200
+
+
+def test_a_job_diverted_chat_with_a_unicode_model_answers(gw, upstream):
+    raw = gw.client().chat.completions.with_raw_response.create(model="concilium/jobs", messages=MSG)
+    assert raw.status_code == 200 and raw.parse().choices[0].message.content
+    assert unquote(raw.headers["x-concilium-model"]) == ROCKET
+    assert unquote(raw.headers["x-concilium-route"]) == f"{ROCKET} jobs"
