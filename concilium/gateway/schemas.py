@@ -47,6 +47,9 @@ class ChatCompletionRequest(BaseModel):
     metadata: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     background: bool | None = None
+    # Gateway-level: models to fall back to, in order, after `model` (OpenRouter's `models` too).
+    fallbacks: list[str] | None = Field(None, max_length=32)
+    models: list[str] | None = Field(None, max_length=32)
 
 
 class RouteRequest(ChatCompletionRequest):

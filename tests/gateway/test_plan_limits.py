@@ -55,6 +55,12 @@ def gw(fake_upstream, tmp_path_factory):
     g.stop()
 
 
+@pytest.fixture(autouse=True)
+def _no_faults_left_behind(fake_upstream):
+    yield
+    fake_upstream.reset()  # the upstream is shared by the session: later tests must not see these faults
+
+
 def route(gw, body):
     req = urllib.request.Request(gw.v1 + "/route", data=json.dumps(body).encode(), method="POST",
                                  headers={"content-type": "application/json"})
