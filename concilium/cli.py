@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "concilium.gateway.cli",  # serve
     "concilium.policy.cli",  # policy check
     "concilium.router.cli",  # router train / eval / calibrate
+    "concilium.router.cascade.replay",  # eval replay
     "concilium.specialists.runtime.cli",  # serve-model
     "concilium.workers.cli",  # worker
     "concilium.gateway.keys_cli",  # keys create

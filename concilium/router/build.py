@@ -80,4 +80,34 @@ def build_default(data: Path, out: Path, distill: bool = False, clusters: int = 
     }
     artifact, report = train(records, embedder, TrainConfig(), aliases, meta, progress=True)
     log.info("default artifact: %d records, heads for %s", report.n_records, ", ".join(report.models))
-    return artifact.save(out)
+    artifact.save(out)
+    build_default_verifier(data, out)
+    return out
+
+
+def build_default_verifier(data: Path, out: Path) -> Path:
+    """Train the shipped answer verifier into `out` (beside the router's files, which it leaves alone).
+
+    Examples: both models' responses in RouteLLM's GSM8K file (Apache-2.0), contaminated prompts
+    dropped, graded numerically against GSM8K's reference answers (MIT) where the file's own
+    last-digits grading would mark answers such as "$18.00" wrong.
+    """
+    from concilium.router.cascade.grading import numeric_grade
+    from concilium.router.cascade.verifier import train_verifier
+
+    csv_path = data / "routing" / "routellm" / "gsm8k_responses.csv"
+    ref_path = data / "prompts" / "gsm8k" / "test.jsonl"
+    missing = [str(p) for p in (csv_path, ref_path) if not p.is_file()]
+    if missing:
+        raise ValueError(f"public data not found under {data}: missing {', '.join(missing)}")
+    records = conv.convert("routellm-gsm8k", csv_path, reference=ref_path)
+    for r in records:
+        if r.reference is not None:
+            r.scores = {m: numeric_grade(text, r.reference) for m, text in r.responses.items()}
+    meta = {"data": {"licenses": "RouteLLM Apache-2.0 (responses, contaminated prompts dropped), GSM8K MIT "
+                                 "(reference answers)",
+                     "files": file_sha256([csv_path, ref_path]), "n_records": len(records),
+                     "labels": "numeric grading against GSM8K's reference answers"}}
+    ver = train_verifier(records, meta=meta)
+    log.info("default verifier: %s", ver.meta["training"])
+    return ver.save(out)

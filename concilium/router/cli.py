@@ -25,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("path", help="the published file or folder (see docs/router.md)")
     c.add_argument("--out", required=True, help="output JSONL file")
     c.add_argument("--keep-contaminated", action="store_true", help="keep RouteLLM's contaminated prompts")
+    c.add_argument("--reference", metavar="FILE",
+                   help="routellm-gsm8k: GSM8K's prompts/gsm8k/test.jsonl, to attach reference answers (numeric grading)")
     c.set_defaults(func=_convert)
 
     t = sub.add_parser("train", help="train a router artifact from outcome JSONL files")
@@ -46,6 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="hold out this share of records, train on the rest and print the evaluation")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--verifier-models", metavar="M1,M2",
+                   help="train the answer verifier on these models' responses (default: every model with responses)")
+    t.add_argument("--no-verifier", action="store_true",
+                   help="do not train the answer verifier even when the records carry `responses`")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a router artifact on held-out outcomes")
@@ -75,6 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="distill a fresh embedder (slow: minutes); otherwise reuse --embedder's")
     b.add_argument("--clusters", type=int, default=4096, help="vocabulary clusters when distilling (0: none)")
     b.add_argument("--embedder", metavar="DIR", help="embedder source artifact (default: the shipped one)")
+    b.add_argument("--verifier-only", action="store_true",
+                   help="only (re)train the answer verifier in --out; the router's heads stay as they are")
     b.set_defaults(func=_build_default)
 
 
@@ -88,7 +96,8 @@ def _convert(args: argparse.Namespace) -> int:
     from concilium.router.outcomes import OutcomeError, write_outcomes
 
     try:
-        recs = convert(args.source, args.path, drop_contaminated=not args.keep_contaminated)
+        recs = convert(args.source, args.path, drop_contaminated=not args.keep_contaminated,
+                       reference=args.reference)
     except (OutcomeError, OSError) as e:
         return _fail(str(e))
     n = write_outcomes(recs, args.out)
@@ -185,11 +194,34 @@ def _train(args: argparse.Namespace) -> int:
         except OutcomeError as e:
             print(f"holdout evaluation skipped: {e}")
     out = artifact.save(args.out)
+    if not args.no_verifier:
+        rc = _train_verifier(records, embedder, args, out)
+        if rc:
+            return rc
     print(f"trained on {report.n_records} records; quality heads: "
           + ", ".join(f"{m} ({n})" for m, n in report.models.items()))
     if report.skipped_models:
         print("too few records, no head: " + ", ".join(f"{m} ({n})" for m, n in report.skipped_models.items()))
     print(f"wrote {out}")
+    return 0
+
+
+def _train_verifier(records, embedder, args: argparse.Namespace, out: Path) -> int:
+    """Fit the answer verifier next to the router when the records carry responses."""
+    from concilium.router.cascade.verifier import VerifierError, examples_from, train_verifier
+
+    if not examples_from(records):
+        return 0
+    models = [m for m in args.verifier_models.split(",") if m] if args.verifier_models else None
+    try:
+        ver = train_verifier(records, embedder=embedder, models=models)
+    except VerifierError as e:
+        print(f"answer verifier not trained: {e}")
+        return 0
+    ver.save(out)
+    t = ver.meta["training"]
+    print(f"answer verifier: {t['examples']} responses of " + ", ".join(f"{m} ({n})" for m, n in t["models"].items())
+          + f"; C = {t['c']}")
     return 0
 
 
@@ -283,10 +315,13 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _build_default(args: argparse.Namespace) -> int:
-    from concilium.router.build import build_default
+    from concilium.router.build import build_default, build_default_verifier
 
     try:
-        out = build_default(Path(args.data), Path(args.out), args.distill, args.clusters, args.embedder)
+        if args.verifier_only:
+            out = build_default_verifier(Path(args.data), Path(args.out))
+        else:
+            out = build_default(Path(args.data), Path(args.out), args.distill, args.clusters, args.embedder)
     except (OSError, ValueError) as e:
         return _fail(str(e))
     print(f"wrote {out}")

@@ -56,6 +56,7 @@ def routellm_csv(path: str | Path, source: str, category: str) -> list[Outcome]:
     for i, row in enumerate(rows):
         scores = {m: _bool(row[m]) for m in models}
         lengths = {m: _tokens(row[f"{m}_response"]) for m in models if row.get(f"{m}_response")}
+        responses = {m: row[f"{m}_response"] for m in models if row.get(f"{m}_response")}
         out.append(
             Outcome(
                 prompt=row["prompt"],
@@ -64,14 +65,27 @@ def routellm_csv(path: str | Path, source: str, category: str) -> list[Outcome]:
                 category=category,
                 source=source,
                 output_tokens=lengths,
+                responses=responses,
             )
         )
     return out
 
 
-def routellm_gsm8k(path: str | Path) -> list[Outcome]:
-    """`routellm/gsm8k_responses.csv`."""
-    return routellm_csv(path, "routellm-gsm8k", "math")
+def gsm8k_references(path: str | Path) -> dict[str, str]:
+    """GSM8K's `test.jsonl` (openai/grade-school-math) -> {prompt key: the final answer after `####`}."""
+    return {prompt_key(row["question"]): row["answer"].rsplit("####", 1)[-1].strip().replace(",", "")
+            for row in iter_jsonl(path)}
+
+
+def routellm_gsm8k(path: str | Path, reference: str | Path | None = None) -> list[Outcome]:
+    """`routellm/gsm8k_responses.csv`, with both models' responses; with `reference` (GSM8K's
+    `prompts/gsm8k/test.jsonl`) each record also gets the reference final answer, for numeric grading."""
+    recs = routellm_csv(path, "routellm-gsm8k", "math")
+    if reference is not None:
+        refs = gsm8k_references(reference)
+        for r in recs:
+            r.reference = refs.get(prompt_key(r.prompt))
+    return recs
 
 
 def routellm_mmlu(folder: str | Path) -> list[Outcome]:
@@ -183,13 +197,15 @@ def routerdc(folder: str | Path) -> list[Outcome]:
     return out
 
 
-def convert(source: str, path: str | Path, drop_contaminated: bool = True) -> list[Outcome]:
-    """Convert one published file or folder, by source name (see SOURCES)."""
+def convert(source: str, path: str | Path, drop_contaminated: bool = True,
+            reference: str | Path | None = None) -> list[Outcome]:
+    """Convert one published file or folder, by source name (see SOURCES). `reference`: GSM8K's
+    test.jsonl, to attach reference answers to `routellm-gsm8k` records."""
     p = Path(path)
     if source not in SOURCES:
         raise OutcomeError(f"unknown source {source!r}; known: {', '.join(SOURCES)}")
     if source == "routellm-gsm8k":
-        recs = routellm_gsm8k(p)
+        recs = routellm_gsm8k(p, reference)
         bad = p.parent / "gsm8k_contaminated_prompts.jsonl"
     elif source == "routellm-mmlu":
         recs = routellm_mmlu(p)

@@ -9,7 +9,9 @@ One JSON object per line (JSONL):
 `prompt` (or `messages`, an OpenAI chat message list) is required, and `scores` (model -> 0..1,
 higher is better) unless the record only labels the prompt with a `category` and/or a
 `difficulty` (0..1), which trains those heads alone. `weight` (default 1) scales a record in
-training. Every other key is optional.
+training. `responses` (model -> the answer text that model gave) lets `concilium router train`
+fit an answer verifier and `concilium eval replay` replay the answers; `reference` is the reference
+answer (e.g. GSM8K's final number) for numeric grading. Every other key is optional.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ class Outcome:
     difficulty: float | None = None  # an explicit 0..1 label (see train.py for when scores stand in)
     output_tokens: dict[str, float] = field(default_factory=dict)
     weight: float = 1.0
+    responses: dict[str, str] = field(default_factory=dict)  # model -> the answer it gave
+    reference: str | None = None  # the reference answer, when the data set has one
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"prompt": self.prompt, "scores": self.scores}
-        for key in ("costs", "id", "category", "source", "difficulty", "output_tokens"):
+        for key in ("costs", "id", "category", "source", "difficulty", "output_tokens", "responses", "reference"):
             value = getattr(self, key)
             if value not in (None, {}):
                 out[key] = value
@@ -93,9 +97,19 @@ def parse_outcome(obj: Any, where: str = "<record>") -> Outcome:
     weight = obj.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= 1000:
         raise OutcomeError(f"{where}: `weight` must be a number in (0, 1000]")
+    responses = obj.get("responses")
+    if responses is None:
+        responses = {}
+    if not isinstance(responses, dict) or not all(isinstance(v, str) for v in responses.values()):
+        raise OutcomeError(f"{where}: `responses` must be an object mapping model name to the answer text")
+    reference = obj.get("reference")
+    if reference is not None and not isinstance(reference, str | int | float):
+        raise OutcomeError(f"{where}: `reference` must be a string or a number")
     return Outcome(
         prompt=prompt,
         scores=scores,
+        responses={str(k): v for k, v in responses.items()},
+        reference=None if reference is None else str(reference),
         costs=_number_map(obj.get("costs"), "costs", where, 0.0),
         id=None if obj.get("id") is None else str(obj["id"]),
         category=category,
