@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from concilium.core.plan import Candidate, Prediction, RoutePlan, Skipped
+from concilium.core.plan import Candidate, CascadeStep, Prediction, RoutePlan, Skipped
 from concilium.policy.jobs import background_reason
 from concilium.policy.schema import Match, Policy, Route
 from concilium.router.objective import CHARS_PER_TOKEN, input_tokens, requested_output_tokens
@@ -83,12 +83,25 @@ def context_need(body: dict[str, Any]) -> tuple[int, int]:
     return math.ceil(input_tokens(prompt_chars(body), n)), requested_output_tokens(body) or 0
 
 
+def _prompt_words(prompt: int) -> str:
+    return f"the prompt (~{prompt} tokens, estimated at {CHARS_PER_TOKEN:g} characters per token)"
+
+
 def _window_reason(prompt: int, out: int, window: int, declared: int) -> str:
-    what = f"the prompt (~{prompt} tokens, estimated at {CHARS_PER_TOKEN:g} characters per token)"
-    if out:
-        what += f" plus max_tokens {out}"
     held = f"context window {window}" + (f" (the policy says {declared})" if window < declared else "")
-    return f"{what} does not fit its {held}"
+    return _prompt_words(prompt) + (f" plus max_tokens {out}" if out else "") + f" does not fit its {held}"
+
+
+def window_problem(policy: Policy, name: str, prompt: int, out: int, windows: Windows | None) -> str | None:
+    """Why model `name` cannot hold the prompt plus what it may write, or None. A model writes at most
+    its `max_output_tokens`, and serves the smaller of its `context_window` and its real one."""
+    spec = policy.models[name]
+    declared = spec.context_window
+    real = windows(name) if windows else None
+    window = min(declared, real) if real else declared
+    if spec.max_output_tokens:
+        out = min(out, spec.max_output_tokens)
+    return _window_reason(prompt, out, window, declared) if prompt + max(out, 1) > window else None
 
 
 def _metadata(body: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +144,32 @@ def _describe(m: Match) -> str:
 
 
 def _needs_prediction(policy: Policy) -> bool:
-    return any(r.match.category or r.match.difficulty or r.rank for r in policy.routes)
+    return any(r.match.category or r.match.difficulty or r.rank or r.strategy == "cascade" for r in policy.routes)
+
+
+def _cascade_steps(route: Route, prediction: Prediction | None, why_not: Any) -> tuple[list[CascadeStep], float | None]:
+    """The route's drafts as plan steps, and the predicted chance that every scored draft fails."""
+    c = route.cascade
+    assert c is not None
+    steps: list[CascadeStep] = []
+    p_all_fail: float | None = 1.0
+    for name in c.drafts:
+        q = prediction.quality.get(name) if prediction else None
+        if (why := why_not(name)) is not None:
+            steps.append(CascadeStep(model=name, action="skip", router_quality=q, reason=why))
+            continue
+        if q is not None and c.skip_below is not None and q < c.skip_below:
+            steps.append(CascadeStep(model=name, action="skip", router_quality=q,
+                                     reason=f"router predicts quality {q:.2f} < skip_below {c.skip_below:g}"))
+            continue
+        if q is not None and c.trust_above is not None and q >= c.trust_above:
+            steps.append(CascadeStep(model=name, action="trust", router_quality=q,
+                                     reason=f"router predicts quality {q:.2f} >= trust_above {c.trust_above:g}"))
+            return steps, 0.0  # served as it is: no escalation
+        steps.append(CascadeStep(model=name, threshold=c.threshold, router_quality=q,
+                                 reason=f"draft, accepted when its score >= {c.threshold:g}"))
+        p_all_fail = None if q is None or p_all_fail is None else p_all_fail * (1.0 - q)
+    return steps, p_all_fail
 
 
 def decide(
@@ -221,17 +259,12 @@ def decide(
     prompt_est, out_tokens = context_need(body)
     too_long: dict[str, str] = {}
     for c in order:
-        declared = policy.models[c.model].context_window
-        real = windows(c.model) if windows else None
-        window = min(declared, real) if real else declared
-        if prompt_est + max(out_tokens, 1) > window:
-            too_long[c.model] = _window_reason(prompt_est, out_tokens, window, declared)
+        if (why := window_problem(policy, c.model, prompt_est, out_tokens, windows)) is not None:
+            too_long[c.model] = why
     if order and len(too_long) == len(order):
         raise DecisionError(
-            f"the prompt (~{prompt_est} tokens, estimated at {CHARS_PER_TOKEN:g} characters per token)"
-            + (f" plus max_tokens {out_tokens}" if out_tokens else "")
-            + " fits no model this request may use: "
-            + "; ".join(f"{m}: {why.rsplit('its ', 1)[-1]}" for m, why in too_long.items())
+            f"{_prompt_words(prompt_est)} fits no model this request may use: "
+            + "; ".join(f"{m}: {why.removeprefix(_prompt_words(prompt_est)).strip()}" for m, why in too_long.items())
             + ". Shorten the messages or lower max_tokens",
             status=400, code="context_length_exceeded", param="messages")
 
@@ -259,7 +292,30 @@ def decide(
             callable_.append(c)
     if skipped:
         reasons.append("skipped " + ", ".join(f"{s.model} ({s.reason})" for s in skipped))
-    if callable_:
+    steps: list[CascadeStep] = []
+    escalation_p: float | None = None
+    cascade = base_route.cascade if base_route is not None and route_name != "pinned" else None
+    if cascade is not None and base_route is not None and base_route.strategy == "cascade":
+        def why_not(name: str) -> str | None:
+            declared = policy.models[name].context_window
+            real = windows(name) if windows else None
+            window = min(declared, real) if real else declared
+            if prompt_est + max(out_tokens, 1) > window:
+                return _window_reason(prompt_est, out_tokens, window, declared)
+            if features is not None and (no := features(name, body)) is not None:
+                return f"cannot serve {no[0]}: {no[1]}"
+            return availability(name) if availability else None
+
+        steps, escalation_p = _cascade_steps(base_route, prediction, why_not)
+        live = [s for s in steps if s.action != "skip"]
+        for s in steps:
+            if s.action == "skip":
+                reasons.append(f"cascade: skipped draft {s.model} ({s.reason})")
+        if live:
+            reasons.insert(0, f"cascade: draft {live[0].model}"
+                           + (" (trusted)" if live[0].action == "trust" else f", then {callable_[0].model}"
+                              if callable_ else ""))
+    if callable_ and not any(s.action != "skip" for s in steps):
         reasons.insert(0, f"chose {callable_[0].model}")
 
     why_background = background_reason(body, policy, base_route, prediction)
@@ -281,4 +337,8 @@ def decide(
         timeout_s=route_timeout or policy.limits.default_timeout_s,
         retries=timing.retries if timing and timing.retries is not None else policy.retry.attempts,
         queue=(base_route.queue if base_route else None),
+        strategy="cascade" if any(s.action != "skip" for s in steps) else "single",
+        cascade=steps,
+        scorer=({"spec": cascade.scorer} if steps and cascade is not None else None),
+        escalation_p=escalation_p,
     )

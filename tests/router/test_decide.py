@@ -14,6 +14,8 @@ models:
   big: {provider: openai, base_url: "http://127.0.0.1:1/v1", model: big, context_window: 100000}
   quick: {provider: openai, base_url: "http://127.0.0.1:1/v1", model: quick, timeout_s: 1}
   steady: {provider: openai, base_url: "http://127.0.0.1:1/v1", model: steady, fallbacks: [big]}
+  capped: {provider: openai, base_url: "http://127.0.0.1:1/v1", model: capped, context_window: 1000,
+           max_output_tokens: 100}
 routes:
   - name: long
     match: {model: [concilium/long]}
@@ -121,6 +123,14 @@ def test_max_tokens_counts_against_the_window():
     assert models(decide(body("concilium/long", text="word " * 400), POLICY)) == ["small", "big"]
     plan = decide(body("concilium/long", text="word " * 400, max_tokens=800), POLICY)
     assert models(plan) == ["big"] and "800" in plan.skipped[0].reason
+
+
+def test_a_models_max_output_tokens_bounds_what_it_needs_of_the_window():
+    plan = decide(body("capped", text="word " * 400, max_tokens=800), POLICY)  # writes at most 100
+    assert models(plan) == ["capped"]
+    with pytest.raises(DecisionError) as e:
+        decide(body("capped", text="word " * 760, max_tokens=800), POLICY)  # ~954 + 100 > 1000
+    assert e.value.code == "context_length_exceeded" and "max_tokens 100" in e.value.message
 
 
 def test_prompt_no_model_can_hold_is_context_length_exceeded():
