@@ -297,11 +297,8 @@ def decide(
     cascade = base_route.cascade if base_route is not None and route_name != "pinned" else None
     if cascade is not None and base_route is not None and base_route.strategy == "cascade":
         def why_not(name: str) -> str | None:
-            declared = policy.models[name].context_window
-            real = windows(name) if windows else None
-            window = min(declared, real) if real else declared
-            if prompt_est + max(out_tokens, 1) > window:
-                return _window_reason(prompt_est, out_tokens, window, declared)
+            if (why := window_problem(policy, name, prompt_est, out_tokens, windows)) is not None:
+                return why
             if features is not None and (no := features(name, body)) is not None:
                 return f"cannot serve {no[0]}: {no[1]}"
             return availability(name) if availability else None
