@@ -72,6 +72,7 @@ def test_routed_request_goes_to_a_model_that_serves_it(gateway_factory, upstream
     for model in ("smollm2", "concilium/local"):  # pinned, or a route where no model serves it
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=model, messages=QUESTION, max_tokens=8,
-                                           response_format={"type": "json_object"})
+                                           response_format={"type": "json_schema", "json_schema": {
+                                               "name": "a", "schema": {"type": "object"}}})
         assert e.value.body["param"] == "response_format" and e.value.body["code"] == "unsupported_parameter"
     assert upstream.stats()["by_model"] == {"primary": 1}  # it answered the first request only

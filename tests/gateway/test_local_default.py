@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -73,7 +75,8 @@ def test_features_the_local_model_cannot_serve_are_400_naming_the_field(local_ga
     for model in ("smollm2", "concilium/auto"):
         for kwargs, param in [
             (dict(messages=QUESTION, tools=tools, tool_choice="required"), "tool_choice"),
-            (dict(messages=QUESTION, response_format={"type": "json_object"}), "response_format"),
+            (dict(messages=QUESTION, response_format={"type": "json_schema", "json_schema": {
+                "name": "answer", "schema": {"type": "object"}}}), "response_format"),
             (dict(messages=image), "messages[0].content[1]"),
         ]:
             with pytest.raises(openai.APIStatusError) as e:
@@ -87,6 +90,12 @@ def test_features_the_local_model_cannot_serve_are_400_naming_the_field(local_ga
         client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=4, stream=True,
                                        tools=tools, tool_choice={"type": "function", "function": {"name": "capital"}})
     assert e.value.body["param"] == "tool_choice"
+    # JSON mode is served (constrained decoding): the answer is a JSON object
+    r = client.chat.completions.create(model="concilium/auto", max_tokens=48, temperature=0,
+                                       response_format={"type": "json_object"},
+                                       messages=[{"role": "user", "content": "What is the capital of France? "
+                                                  "Answer in JSON."}])
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
     # tools the model may leave uncalled (tool_choice auto) are served: a text answer is a valid one
     r = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=8, temperature=0, tools=tools)
     assert r.choices[0].message.content

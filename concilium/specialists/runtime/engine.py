@@ -85,6 +85,7 @@ class _Sequence:
     stop_ids: frozenset[int]
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None  # [V] times each token was generated (penalized requests only)
+    json: Any = None  # JSON mode: the recogniser's state after the tokens so far
     slot: int = -1
     num_cached: int = 0  # tokens whose keys/values are in the cache
     generated: list[int] = field(default_factory=list)
@@ -153,6 +154,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._decode_text = tokenizer.decode if tokenizer is not None else (lambda ids: "")
+        self._json_vocab: Any = None  # built at the first JSON-mode request
+        self._json_lock = threading.Lock()
 
     def _want_graphs(self, requested: bool | None) -> bool:
         usable = self.model.device.type == "cuda" and self.model.ops.name == "kernels"
@@ -180,6 +183,7 @@ class Engine:
             raise ValueError("stop sequences need a tokenizer")
         if any(t >= vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        json_vocab = self._json_mode_vocab() if params.json_object else None
         handle = RequestHandle(next(self._ids))
         seq = _Sequence(
             handle=handle,
@@ -190,11 +194,24 @@ class Engine:
             stop_ids=frozenset() if params.ignore_eos else self.eos_ids | frozenset(params.stop_token_ids),
             generator=params.make_generator(self.model.device),
             counts=torch.zeros(vocab, device=self.model.device) if params.penalized else None,
+            json=json_vocab.initial if json_vocab is not None else None,
         )
         with self._cv:
             self._incoming.append(seq)
             self._cv.notify()
         return handle
+
+    def _json_mode_vocab(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError("JSON mode needs a tokenizer")
+        with self._json_lock:
+            if self._json_vocab is None:
+                from concilium.specialists.runtime.json_mode import JsonVocab
+
+                tok, n = self.tokenizer, self.model.cfg.vocab_size
+                raw = [tok.token_bytes(i) if i < tok.vocab_size else b"" for i in range(n)]
+                self._json_vocab = JsonVocab(raw, tok.special_ids, self.eos_ids, self.model.device)
+            return self._json_vocab
 
     # -- one iteration ----------------------------------------------------------------------
 
@@ -232,7 +249,7 @@ class Engine:
     def _prefill(self, seqs: list[_Sequence]) -> None:
         batch = ForwardBatch.for_prefill([(s.prompt, s.slot) for s in seqs], self.model.device)
         logits = self.model(batch, self.cache)
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self._counts(seqs))
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self._counts(seqs), self._allowed(seqs))
         lps = self._logprobs(logits, seqs, tokens)
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += batch.input_ids.numel()
@@ -253,7 +270,7 @@ class Engine:
         if logits is None:
             batch = ForwardBatch.for_decode(tokens, slots, positions, self.model.device)
             logits = self.model(batch, self.cache)
-        new = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self._counts(seqs))
+        new = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], self._counts(seqs), self._allowed(seqs))
         lps = self._logprobs(logits, seqs, new)
         self.stats.decode_steps += 1
         self.stats.decode_batch_sizes.append(len(seqs))
@@ -267,6 +284,11 @@ class Engine:
     def _counts(seqs: list[_Sequence]) -> list[torch.Tensor | None] | None:
         counts = [s.counts for s in seqs]
         return counts if any(c is not None for c in counts) else None
+
+    def _allowed(self, seqs: list[_Sequence]) -> list[torch.Tensor | None] | None:
+        if all(s.json is None for s in seqs):
+            return None
+        return [self._json_vocab.mask(s.json) if s.json is not None else None for s in seqs]
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, seqs: list[_Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
@@ -285,6 +307,8 @@ class Engine:
         seq.generated.append(token)
         if seq.counts is not None:
             seq.counts[token] += 1
+        if seq.json is not None and token not in seq.stop_ids:
+            seq.json = self._json_vocab.advance(seq.json, token)
         self.stats.generated_tokens += 1
         finish: str | None = None
         if token in seq.stop_ids:

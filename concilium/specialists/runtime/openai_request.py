@@ -3,10 +3,11 @@
 Shared by the model server and the gateway's in-process `local` provider so both read a request the
 same way. Problems raise `RequestError` naming the offending parameter (a 400 for clients).
 
-The runtime honours `logprobs` / `top_logprobs`, `logit_bias` and the presence/frequency penalties. It does not call tools, constrain
-its output to JSON or read images: `unsupported_feature()` names the field of a request that asks
-for one of those (tools it would have to call, a JSON response format, image/audio/file parts), so
-it can be refused with a 400 and a router can send such requests to a model that serves them.
+The runtime honours `logprobs` / `top_logprobs`, `logit_bias`, the presence/frequency penalties and
+`response_format` `json_object` (constrained decoding, `json_mode`). It does not call tools, follow
+a JSON schema or read images: `unsupported_feature()` names the field of a request that asks for
+one of those (tools it would have to call, `json_schema`, image/audio/file parts), so it can be
+refused with a 400 and a router can send such requests to a model that serves them.
 Tools with `tool_choice` auto or none are served: answering in text is a valid answer then.
 """
 
@@ -117,6 +118,7 @@ def sampling_params(
         logit_bias=_logit_bias(body, vocab_size),
         presence_penalty=_number(body, "presence_penalty", 0.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0),
+        json_object=_format(body) == "json_object",
     )
     try:
         return params.validate()
@@ -129,6 +131,11 @@ def prompt_ids(body: dict[str, Any], tokenizer: Tokenizer) -> list[int]:
         return tokenizer.encode_chat(normalize_messages(body.get("messages")))
     except TokenizerError as e:
         raise RequestError(str(e), "messages") from None
+
+
+def _format(body: dict[str, Any]) -> object:
+    fmt = body.get("response_format")
+    return fmt.get("type") if isinstance(fmt, dict) else fmt
 
 
 def _unsupported(param: str, message: str) -> RequestError:
@@ -145,11 +152,11 @@ def unsupported_feature(body: dict[str, Any]) -> RequestError | None:
             )
     if body.get("functions") and isinstance(body.get("function_call"), dict):
         return _unsupported("function_call", "function_call names a function; this local model does not call tools")
-    fmt = body.get("response_format")
-    kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-    if kind not in (None, "text"):
+    kind = _format(body)
+    if kind not in (None, "text", "json_object"):
         return _unsupported(
-            "response_format", f"response_format {kind!r} is not supported by this local model (text only)"
+            "response_format",
+            f"response_format {kind!r} is not supported by this local model (text or json_object only)",
         )
     modalities = body.get("modalities")
     if isinstance(modalities, list) and any(m != "text" for m in modalities):

@@ -36,6 +36,7 @@ class SamplingParams:
     top_logprobs: int = 0  # ... and the k most likely tokens at each position (0-20)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     presence_penalty: float = 0.0  # -2..2, subtracted once from every token generated so far
+    json_object: bool = False  # constrain the answer to a JSON object (`json_mode`)
     frequency_penalty: float = 0.0  # -2..2, subtracted per time a token was generated so far
     _bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
@@ -98,10 +99,18 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
 
 
 def _processed(
-    logits: torch.Tensor, params: list[SamplingParams], counts: list[torch.Tensor | None] | None
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    counts: list[torch.Tensor | None] | None,
+    allowed: list[torch.Tensor | None] | None,
 ) -> torch.Tensor:
-    """`logits` with each row's logit_bias and penalties applied (the same tensor when none apply)."""
-    rows = [b for b, p in enumerate(params) if p.logit_bias or (counts is not None and counts[b] is not None)]
+    """`logits` with each row's logit_bias, penalties and allowed-token mask applied (the same tensor
+    when none apply)."""
+    rows = [
+        b
+        for b, p in enumerate(params)
+        if p.logit_bias or (counts is not None and counts[b] is not None) or (allowed is not None and allowed[b] is not None)
+    ]
     if not rows:
         return logits
     logits = logits.clone()  # the caller's logits stay the model's (log-probs are computed from them)
@@ -113,6 +122,9 @@ def _processed(
         seen = counts[b] if counts is not None else None
         if seen is not None:
             logits[b] -= p.frequency_penalty * seen + p.presence_penalty * (seen > 0).to(logits.dtype)
+        mask = allowed[b] if allowed is not None else None
+        if mask is not None:
+            logits[b].masked_fill_(~mask, float("-inf"))
     return logits
 
 
@@ -121,10 +133,12 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     counts: list[torch.Tensor | None] | None = None,
+    allowed: list[torch.Tensor | None] | None = None,
 ) -> list[int]:
     """Next token for each row of `logits` [B, V] (fp32). `counts[b]` (for penalized rows): how often
-    each token was generated so far, a [V] float tensor."""
-    logits = _processed(logits, params, counts)
+    each token was generated so far, a [V] float tensor; `allowed[b]`: a [V] bool mask of the tokens
+    row b may take (constrained decoding)."""
+    logits = _processed(logits, params, counts, allowed)
     out = logits.argmax(dim=-1).tolist()
     for b, p in enumerate(params):
         if not p.greedy:

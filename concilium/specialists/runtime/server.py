@@ -2,10 +2,10 @@
 API (what a GPU worker container runs; the gateway reaches it with its native OpenAI client).
 
 Routes: POST /v1/chat/completions (streaming and not; usage, stop, max_tokens, temperature, top_p,
-top_k, seed, logprobs/top_logprobs, logit_bias, presence/frequency penalties), GET /v1/models, GET /health, GET /metrics
+top_k, seed, logprobs/top_logprobs, logit_bias, presence/frequency penalties, JSON mode), GET /v1/models, GET /health, GET /metrics
 (Prometheus text: KV-cache use, batch, tokens, per-expert token counts). Errors use the OpenAI error
-shape; a feature the runtime cannot honour (tool_choice that forces a call, JSON response formats,
-image parts) is a 400 `unsupported_parameter` naming the field.
+shape; a feature the runtime cannot honour (tool_choice that forces a call, `json_schema` response
+formats, image parts) is a 400 `unsupported_parameter` naming the field.
 """
 
 from __future__ import annotations

@@ -101,6 +101,11 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids of special and added tokens (chat markers, EOS ...): never part of an answer's text."""
+        return set(self.hf.added_tokens_decoder)
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (part of a character, for some), as log-probs report them."""
         out = self._bytes.get(token_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import orjson
 import pytest
@@ -161,3 +162,15 @@ def test_stream_cut_inside_an_emoji_sends_whole_characters(smollm2):
     text = done["choices"][0]["message"]["content"]
     assert done["choices"][0]["finish_reason"] == "length" and text and "\ufffd" not in text
     assert all("\ufffd" not in d for d in deltas) and "".join(deltas) == text
+
+
+def test_json_mode_answers_a_json_object(smollm2):
+    body = {"messages": [{"role": "user", "content": "Give me a JSON object describing a cat with its name and age."}],
+            "temperature": 0, "max_tokens": 60}
+    free = asyncio.run(smollm2.complete(body, timeout=60))["choices"][0]["message"]["content"]
+    with pytest.raises(ValueError):
+        json.loads(free)  # unconstrained, the model wraps it in prose and a code fence
+    done, events = _run(smollm2, {**body, "response_format": {"type": "json_object"}})
+    text = done["choices"][0]["message"]["content"]
+    assert isinstance(json.loads(text), dict) and done["choices"][0]["finish_reason"] == "stop"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == text

@@ -19,7 +19,8 @@ def test_logprobs_and_logit_bias_are_read():
     p = _params(logprobs=True, top_logprobs=5, logit_bias={"7": -100, "12": 3.5})
     assert p.logprobs and p.top_logprobs == 5 and p.logit_bias == {7: -100.0, 12: 3.5}
     p = _params()
-    assert not p.logprobs and p.top_logprobs == 0 and p.logit_bias == {}
+    assert not p.logprobs and p.top_logprobs == 0 and p.logit_bias == {} and not p.json_object
+    assert _params(response_format={"type": "json_object"}).json_object
 
 
 @pytest.mark.parametrize(
@@ -46,7 +47,6 @@ def test_bad_logprobs_and_logit_bias_name_the_parameter(body, param):
         (dict(tools=TOOLS, tool_choice="required"), "tool_choice"),
         (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}), "tool_choice"),
         (dict(functions=[TOOLS[0]["function"]], function_call={"name": "get_weather"}), "function_call"),
-        (dict(response_format={"type": "json_object"}), "response_format"),
         (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), "response_format"),
         (dict(modalities=["text", "audio"]), "modalities"),
         (
@@ -71,6 +71,7 @@ def test_features_the_local_model_cannot_honour(body, param):
         dict(tools=TOOLS, tool_choice="auto"),
         dict(tools=TOOLS, tool_choice="none"),
         dict(response_format={"type": "text"}),
+        dict(response_format={"type": "json_object"}),
         dict(logprobs=True, top_logprobs=2, logit_bias={"3": 1}),
         dict(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}]),
         dict(modalities=["text"]),

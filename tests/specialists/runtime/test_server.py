@@ -5,6 +5,7 @@ together, and a client that goes away cancels its request."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -193,10 +194,13 @@ def test_logprobs_logit_bias_and_unsupported_features(server, smollm2_path):
         model="smol", messages=QUESTION, max_tokens=1, temperature=0, logit_bias={str(first): -100}
     )
     assert banned.choices[0].message.content == content[0].top_logprobs[1].token  # the next most likely
+    r = c.chat.completions.create(model="smol", max_tokens=48, temperature=0, response_format={"type": "json_object"},
+                                  messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}])
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     for extra, param in [
         (dict(tools=tools, tool_choice="required"), "tool_choice"),
-        (dict(response_format={"type": "json_object"}), "response_format"),
+        (dict(response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {}}}), "response_format"),
     ]:
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="smol", messages=QUESTION, max_tokens=4, **extra)
