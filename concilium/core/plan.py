@@ -31,6 +31,23 @@ class Skipped(BaseModel):
     reason: str
 
 
+class CascadeStep(BaseModel):
+    """One draft of a cascade: planned (model, threshold, what the prompt router expects of it) and,
+    once it ran, what happened (score, accepted, tokens, cost, time)."""
+
+    model: str
+    action: Literal["score", "trust", "skip"] = "score"  # trust: served unscored; skip: not called
+    threshold: float | None = None
+    router_quality: float | None = None  # the prompt router's P(this model answers well)
+    reason: str = ""
+    score: float | None = None
+    accepted: bool | None = None
+    usage: dict | None = None
+    cost_usd: float | None = None
+    latency_s: float | None = None
+    error: str | None = None
+
+
 class Prediction(BaseModel):
     """What the learned dispatcher predicted for the request (absent for rule-only decisions)."""
 
@@ -59,6 +76,11 @@ class RoutePlan(BaseModel):
     timeout_s: float | None = None  # per attempt
     retries: int = 0  # retries per candidate before falling back
     queue: str | None = None  # background queue name when mode == "background"
+    # `cascade`: the drafts are tried first, in order; `candidates` answer only when no draft is accepted.
+    strategy: Literal["single", "cascade"] = "single"
+    cascade: list[CascadeStep] = Field(default_factory=list)
+    scorer: dict | None = None  # the cascade's scorer, as a policy spec
+    escalation_p: float | None = None  # predicted chance that no draft is accepted (from the prompt router)
 
     @property
     def summary(self) -> str:

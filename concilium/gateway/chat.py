@@ -15,10 +15,11 @@ from starlette.responses import Response
 
 from concilium.core.plan import RoutePlan
 from concilium.gateway.errors import APIError, sse_error
-from concilium.gateway.headers import plan_headers
+from concilium.gateway.headers import header_value, plan_headers
 from concilium.gateway.responses import EventStreamResponse
 from concilium.gateway.schemas import ChatCompletionRequest
 from concilium.guard import privacy
+from concilium.pipeline import cascade
 from concilium.pipeline.state import Snapshot
 from concilium.router.decide import DecisionError, decide
 from concilium.specialists import call
@@ -125,7 +126,7 @@ async def chat_completions(request: Request) -> Response:
     validate(ChatCompletionRequest, body)
     snap: Snapshot = state.current
     plan = plan_request(snap, body, rid)
-    if not plan.candidates:
+    if not plan.candidates and plan.strategy != "cascade":
         metrics.requests.labels("none", plan.route, "unavailable").inc()
         raise no_candidates(plan)
     guard, ticket = getattr(request.app.state, "guard", None), None
@@ -140,6 +141,8 @@ async def chat_completions(request: Request) -> Response:
             if ticket is not None:
                 ticket.done(None, None, "background")  # charged at the reservation
             return resp
+        if plan.strategy == "cascade":
+            return await _cascade(request, body, plan, snap, t0, ticket)
         if body.get("stream"):
             return await _stream(request, body, plan, snap, t0, ticket)
         return await _complete(request, body, plan, snap, t0, ticket)
@@ -150,7 +153,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float,
-                    ticket: Any = None) -> Response:
+                    ticket: Any = None, headers: dict[str, str] | None = None) -> Response:
     metrics = request.app.state.metrics
     task = asyncio.ensure_future(call.complete(plan, body, snap.ctx))
     watcher = asyncio.ensure_future(_until_disconnect(request))
@@ -171,7 +174,8 @@ async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapsho
         raise _provider_error(e, plan) from None
     usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
     # Built before it is counted: a response that cannot be built is a failure, not an "ok".
-    response = Response(orjson.dumps(result), media_type="application/json", headers=plan_headers(plan, model))
+    response = Response(orjson.dumps(result), media_type="application/json",
+                        headers={**plan_headers(plan, model), **(headers or {})})
     metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, snap.cost_usd(model, usage))
     if ticket is not None:
         ticket.done(model, usage, "ok")
@@ -181,13 +185,21 @@ async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapsho
 
 
 async def _stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float,
-                  ticket: Any = None) -> Response:
+                  ticket: Any = None, headers: dict[str, str] | None = None) -> Response:
     metrics = request.app.state.metrics
     try:
         handle = await call.stream(plan, body, snap.ctx)
     except (ProviderError, call.AllCandidatesFailed) as e:
         metrics.requests.labels(plan.candidates[0].model, plan.route, "error").inc()
         raise _provider_error(e, plan) from None
+    return _serve_stream(request, body, plan, snap, t0, ticket, handle, headers)
+
+
+def _serve_stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float, ticket: Any,
+                  handle: call.StreamHandle, headers: dict[str, str] | None = None,
+                  prior: list[Any] | None = None) -> Response:
+    """Relay an opened upstream stream; record and settle it (with the request's `prior` calls)."""
+    metrics = request.app.state.metrics
     metrics.child(metrics.ttft, handle.model, plan.route).observe(time.perf_counter() - t0)
     if handle.attempts:
         metrics.fallbacks.labels(plan.route).inc()
@@ -205,12 +217,12 @@ async def _stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot,
         metrics.record(handle.model, plan.route, status, time.perf_counter() - t0, usage,
                        snap.cost_usd(handle.model, usage))
         if ticket is not None:
-            ticket.done(handle.model, usage, status)
+            ticket.done(handle.model, usage, status, prior or ())
 
     return EventStreamResponse(
         _relay(handle, want_usage, finish),
         media_type="text/event-stream",
-        headers={**plan_headers(plan, handle.model), "cache-control": "no-cache"},
+        headers={**plan_headers(plan, handle.model), **(headers or {}), "cache-control": "no-cache"},
         on_close=lambda: finish("cancelled", None),
     )
 
@@ -250,3 +262,99 @@ async def _relay(handle: call.StreamHandle, want_usage: bool, finish: Any) -> As
         raise
     finally:
         await finish(status, usage)
+
+
+# ------------------------------------------------------------------------------------ cascades
+
+
+async def _cascade(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float,
+                   ticket: Any) -> Response:
+    """`strategy: cascade` (see `pipeline.cascade`): drafts first, the plan's candidates only when
+    no draft is accepted. Every call is metered and paid; `usage` is the answering model's."""
+    metrics = request.app.state.metrics
+    stream = bool(body.get("stream"))
+    trust = cascade.trusted(plan)
+    if trust is not None:  # the router trusts the draft: an ordinary call to it, the candidates behind it
+        lead = cascade.draft_plan(plan, trust, snap).candidates
+        single = plan.model_copy(update={"candidates": lead + plan.candidates, "strategy": "single"})
+        extra = {"x-concilium-strategy": "cascade",
+                 "x-concilium-cascade": header_value(cascade.summary(plan.cascade, None))}
+        metrics.child(metrics.cascade, plan.route, trust.model, "trusted").inc()
+        if stream:
+            return await _stream(request, body, single, snap, t0, ticket, extra)
+        return await _complete(request, body, single, snap, t0, ticket, extra)
+
+    def final(p: RoutePlan):
+        return call.stream(p, body, snap.ctx) if stream else call.complete(p, body, snap.ctx)
+
+    task = asyncio.ensure_future(cascade.run(plan, body, snap, final))
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():  # the client went away: stop every call in flight
+        task.cancel()
+        try:
+            await task
+        except BaseException:
+            pass
+        metrics.requests.labels(plan.cascade[0].model, plan.route, "cancelled").inc()
+        if ticket is not None:
+            ticket.done(None, None, "cancelled")
+        return Response(status_code=499)
+    run: cascade.Run = task.result()
+    for step in run.steps:
+        if step.action == "skip":
+            metrics.child(metrics.cascade, plan.route, step.model, "skipped").inc()
+        elif step.error is not None:
+            metrics.child(metrics.cascade, plan.route, step.model, "failed").inc()
+        elif step.score is not None:
+            metrics.child(metrics.cascade_score, plan.route, step.model).observe(step.score)
+            metrics.child(metrics.cascade, plan.route, step.model, "accepted" if step.accepted else "escalated").inc()
+    draft_calls = [c for c in run.calls if c.model != run.draft_model or not c.ok]
+    for c in draft_calls:
+        metrics.record(c.model, plan.route, "draft" if c.ok else "draft-error", c.seconds, c.usage,
+                       snap.cost_usd(c.model, c.usage))
+    if run.error is not None:
+        metrics.requests.labels(plan.candidates[0].model if plan.candidates else "none", plan.route, "error").inc()
+        if ticket is not None:
+            ticket.done(None, None, "failed", draft_calls)  # the drafts were called: they are paid
+        raise _provider_error(run.error, plan) from None
+    answered = run.draft_model if run.draft is not None else (
+        run.final.model if stream else run.final[0])  # type: ignore[union-attr,index]
+    headers = {"x-concilium-strategy": "cascade",
+               "x-concilium-cascade": header_value(cascade.summary(run.steps, answered))}
+    if run.draft is not None:  # a draft is the answer
+        result, model = run.draft, run.draft_model
+        usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
+        metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, snap.cost_usd(model, usage))
+        if ticket is not None:
+            ticket.done(model, usage, "ok", draft_calls)
+        if stream:
+            want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            events = cascade.completion_events(result, want_usage)
+            return Response(b"".join(events), media_type="text/event-stream",
+                            headers={**plan_headers(plan, model), **headers, "cache-control": "no-cache"})
+        return Response(orjson.dumps(_explained(request, result, run)), media_type="application/json",
+                        headers={**plan_headers(plan, model), **headers})
+    if stream:
+        return _serve_stream(request, body, plan, snap, t0, ticket, run.final, headers, draft_calls)
+    model, result, attempts = run.final  # type: ignore[misc]
+    usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
+    response = Response(orjson.dumps(_explained(request, result, run)), media_type="application/json",
+                        headers={**plan_headers(plan, model), **headers})
+    metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, snap.cost_usd(model, usage))
+    if ticket is not None:
+        ticket.done(model, usage, "ok", draft_calls)
+    if attempts:
+        metrics.fallbacks.labels(plan.route).inc()
+    return response
+
+
+def _explained(request: Request, result: dict, run: Any) -> dict:
+    """With `x-concilium-explain: true`, the response carries the whole cascade (`concilium.cascade`)."""
+    if (_header(request, b"x-concilium-explain") or "").lower() not in ("1", "true", "yes"):
+        return result
+    return {**result, "concilium": {"strategy": "cascade", "cascade": [s.model_dump(exclude_none=True)
+                                                                        for s in run.steps]}}

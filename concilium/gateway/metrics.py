@@ -26,6 +26,10 @@ class Metrics:
                                  ["route"], registry=r)
         self.in_flight = Gauge("concilium_requests_in_flight", "Requests being served", registry=r)
         self.policy_reloads = Counter("concilium_policy_reloads", "Policy reloads", ["result"], registry=r)
+        self.cascade = Counter("concilium_cascade_drafts", "Cascade drafts by outcome (accepted, escalated, "
+                               "trusted, skipped, failed)", ["route", "model", "outcome"], registry=r)
+        self.cascade_score = Histogram("concilium_cascade_score", "Scores of cascade drafts", ["route", "model"],
+                                       buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
 
         # Labelled children by (metric, label values): `labels()` takes a lock and builds a key per call.
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}

@@ -15,6 +15,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from typing import Any
@@ -121,16 +122,18 @@ class Ticket:
     scopes: list[Scope]
     model_scopes: dict[str, tuple[Scope, ...]]
     specs: dict[str, Any]
+    prior_costs: dict[str, int] = field(default_factory=dict)  # a cascade's drafts: model -> reserved
     started: float = field(default_factory=time.monotonic)
     settled: bool = False
 
-    def done(self, model: str | None, usage: dict | None, outcome: str) -> None:
+    def done(self, model: str | None, usage: dict | None, outcome: str, prior: Sequence[Any] = ()) -> None:
         """outcome: ok | failed (no model answered: nothing to pay) | anything else (unknown: keep the
-        reservation as the charge)."""
+        reservation as the charge). `prior`: the request's earlier calls (a cascade's drafts, each
+        with `model`, `usage`, `seconds`), paid whatever the outcome."""
         if self.settled:
             return
         self.settled = True
-        reserve_top = max(self.costs.values(), default=0)
+        reserve_top = max((c for m, c in self.costs.items() if m not in self.prior_costs), default=0)
         spent, tokens = 0, 0
         if outcome != "failed" and model is not None and model in self.specs:
             cost = actual_cost(self.specs[model], usage, time.monotonic() - self.started, self.costs[model])
@@ -138,11 +141,22 @@ class Ticket:
             tokens = int((usage or {}).get("total_tokens") or 0) or (self.counted_tokens + self.out_tokens)
         elif outcome != "failed":
             spent, tokens = reserve_top, self.counted_tokens + self.out_tokens
-        charges = [scope_charge(s, spent, tokens - self.counted_tokens) for s in self.scopes]
+        per_model: dict[str | None, tuple[int, int]] = {model: (spent, tokens)}
+        for c in prior:  # each call is paid once, at what it used (its reservation when it reported nothing)
+            if c.model not in self.specs:
+                continue
+            cost = actual_cost(self.specs[c.model], c.usage, c.seconds, self.costs[c.model])
+            nano = self.costs[c.model] if cost is None else cost
+            toks = int((c.usage or {}).get("total_tokens") or 0) or sum(
+                int((c.usage or {}).get(k) or 0) for k in ("prompt_tokens", "completion_tokens"))
+            s0, t0 = per_model.get(c.model, (0, 0))
+            per_model[c.model] = (s0 + nano, t0 + toks)
+        total = sum(s for s, _ in per_model.values())
+        total_tokens = sum(t for _, t in per_model.values())
+        charges = [scope_charge(s, total, total_tokens - self.counted_tokens) for s in self.scopes]
         for m, scopes in self.model_scopes.items():
-            mine = m == model
-            charges += [scope_charge(s, spent if mine else 0,
-                                     (tokens if mine else 0) - self.counted_tokens) for s in scopes]
+            mine, toks = per_model.get(m, (0, 0))
+            charges += [scope_charge(s, mine, toks - self.counted_tokens) for s in scopes]
         if charges:  # a key without limits reserved nothing
             self.guard.settle(self.rid, charges)
 
@@ -278,6 +292,13 @@ class Guard:
         seconds = {c.model: (c.timeout_s or plan.timeout_s or snap.policy.limits.default_timeout_s)
                    * (plan.retries + 1) for c in candidates}
         all_costs = {m: max_cost(specs[m], prompt, out, seconds[m]) for m in specs}
+        # A cascade may pay every draft and then the priciest candidate: the worst case is their sum.
+        drafts = [s.model for s in plan.cascade if s.action != "skip" and s.model not in specs]
+        for m in drafts:
+            specs[m] = snap.policy.models[m]
+            t = snap.policy.models[m].timeout_s or plan.timeout_s or snap.policy.limits.default_timeout_s
+            all_costs[m] = max_cost(specs[m], prompt, out, t)
+        prior_costs = {m: all_costs[m] for m in drafts}
         rid = plan.request_id + "-" + uuid.uuid4().hex[:8]
         dropped: list[Skipped] = []
         while True:
@@ -286,10 +307,10 @@ class Guard:
                                type="insufficient_quota", headers=headers)
             costs = {c.model: all_costs[c.model] for c in candidates}
             top = max(costs.values())
-            charges = [scope_charge(s, top, prompt) for s in key.scopes]
-            model_scopes = {m: key.model_scopes[m] for m in costs if m in key.model_scopes}
+            charges = [scope_charge(s, top + sum(prior_costs.values()), prompt) for s in key.scopes]
+            model_scopes = {m: key.model_scopes[m] for m in [*costs, *prior_costs] if m in key.model_scopes}
             for m, scopes in model_scopes.items():
-                charges += [scope_charge(s, costs[m], prompt) for s in scopes]
+                charges += [scope_charge(s, costs.get(m, prior_costs.get(m, 0)), prompt) for s in scopes]
             if not charges:
                 denied = None
             else:
@@ -297,7 +318,7 @@ class Guard:
             if denied is None:
                 break
             over = next((m for m, ss in model_scopes.items() if any(x.name == denied.scope for x in ss)), None)
-            if over is not None and len(candidates) > 1:  # that model is over its limits: try the others
+            if over in costs and len(candidates) > 1:  # that model is over its limits: try the others
                 candidates = [c for c in candidates if c.model != over]
                 dropped.append(Skipped(model=over, reason=f"{_who(denied.scope)} is over its "
                                        f"{_REASONS[denied.reason][0]}"))
@@ -309,7 +330,7 @@ class Guard:
                 dropped += [Skipped(model=m, reason=f"may cost up to {usd(top, up=True)}, more than "
                                     f"{_who(denied.scope)} can spend now") for m in costly]
                 continue
-            need = costs[over] if over is not None else top
+            need = costs.get(over, prior_costs.get(over, top)) if over is not None else top + sum(prior_costs.values())
             on = f" on {over or candidates[0].model} (a prompt of up to {prompt} tokens and max_tokens {out})"
             try:
                 usage = await self.store.usage(denied.scope, None, None, Window.at())
@@ -325,5 +346,6 @@ class Guard:
                                            "reasons": reasons})
         elif len(candidates) != len(plan.candidates):
             plan = plan.model_copy(update={"candidates": candidates})
-        ticket = Ticket(self, rid, key, costs, prompt, out, list(key.scopes), model_scopes, specs)
+        ticket = Ticket(self, rid, key, {**costs, **prior_costs}, prompt, out, list(key.scopes), model_scopes, specs,
+                        prior_costs)
         return ticket, plan

@@ -75,7 +75,7 @@ class PolicyState:
         self._version = 0
         self._lock: asyncio.Lock | None = None  # one reload at a time (created on the serving loop)
         self._mtime = self._stat()
-        self.current: Snapshot = self._build(load_policy(policy_path), None)
+        self.current: Snapshot = self._build(self._load(), None)
         self._tasks: list[asyncio.Task] = []
         self._starting: tuple[Snapshot, asyncio.Future] | None = None
 
@@ -84,6 +84,14 @@ class PolicyState:
             return os.stat(self.policy_path).st_mtime
         except OSError:
             return 0.0
+
+    def _load(self) -> Policy:
+        """The policy file, checked down to what only this layer can check (cascade scorers)."""
+        from concilium.pipeline.cascade import check_strategies
+
+        policy = load_policy(self.policy_path)
+        check_strategies(policy, self.policy_path)
+        return policy
 
     def _on_error(self) -> Callable[[str, Any], None] | None:
         if self.metrics is None:
@@ -141,7 +149,7 @@ class PolicyState:
             return True  # loaded by the reload that held the lock
         self._mtime = mtime
         try:
-            policy = await asyncio.to_thread(load_policy, self.policy_path)
+            policy = await asyncio.to_thread(self._load)
             snap = await asyncio.to_thread(self._build, policy, self.current)
             await snap.registry.start_all()  # published only once its providers (a local model) are up
         except PolicyError as e:

@@ -14,12 +14,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> int:
+    from concilium.pipeline.cascade import check_strategies  # an entry point: it may look at every layer
     from concilium.policy.loader import PolicyError, load_policy
 
     rc = 0
     for f in args.files:
         try:
             pol = load_policy(f)
+            check_strategies(pol, f)
         except PolicyError as e:
             print(e)
             rc = 1

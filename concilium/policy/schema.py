@@ -142,6 +142,29 @@ class Match(_Strict):
         return all(v is None or (k in ("metadata", "tags") and not v) for k, v in self.model_dump().items())
 
 
+class Cascade(_Strict):
+    """`strategy: cascade`: cheap drafts answer first; a scorer reads each draft and the route's
+    targets are paid only when no draft is accepted.
+
+    drafts        models tried first, cheapest first (each once, no retries across them)
+    scorer        how a draft is judged: a name (verifier, verifier-rules, logprobs, agreement,
+                  checks) or a mapping with options, or {combine: min|mean|..., of: [...]}
+    threshold     a draft whose score is >= threshold is the answer
+    skip_below    the prompt router's P(draft answers well) below this: skip that draft
+    trust_above   ... at or above this: serve that draft without scoring it (and stream it live)
+    hedge_after_ms  a draft that has not answered by then races the next stage; the loser is cancelled
+    logprobs      ask the drafts for token log-probs (what the `logprobs` scorer reads)
+    """
+
+    drafts: list[str] = Field(min_length=1, max_length=4)
+    scorer: str | dict[str, Any] = "verifier"
+    threshold: float = Field(0.5, ge=0, le=1)
+    skip_below: float | None = Field(None, ge=0, le=1)
+    trust_above: float | None = Field(None, ge=0, le=1)
+    hedge_after_ms: float | None = Field(None, gt=0)
+    logprobs: bool = False
+
+
 class Route(_Strict):
     name: str
     match: Match = Field(default_factory=Match)
@@ -155,6 +178,20 @@ class Route(_Strict):
     retries: int | None = Field(None, ge=0, le=10)
     soft_timeout_s: float | None = Field(None, gt=0)  # background jobs: stop gracefully
     hard_timeout_s: float | None = Field(None, gt=0)  # background jobs: kill
+    # How the plan becomes calls: `single` (one model, falling back down the plan) or `cascade`.
+    strategy: Literal["single", "cascade"] = "single"
+    cascade: Cascade | None = None
+
+    @model_validator(mode="after")
+    def _strategy(self) -> Route:
+        if self.strategy == "cascade" and self.cascade is None:
+            raise _PathError([(("cascade",), "strategy cascade needs a `cascade:` section with its drafts")])
+        if self.strategy != "cascade" and self.cascade is not None:
+            raise _PathError([(("strategy",), "a `cascade:` section needs `strategy: cascade`")])
+        c = self.cascade
+        if c is not None and c.skip_below is not None and c.trust_above is not None and c.skip_below > c.trust_above:
+            raise _PathError([(("cascade", "skip_below"), f"{c.skip_below:g} is above trust_above ({c.trust_above:g})")])
+        return self
 
 
 class Retry(_Strict):
@@ -250,6 +287,10 @@ def reference_problems(policy: Policy, skip: frozenset[int] = frozenset()) -> li
                 if name not in models:
                     problems.append((("routes", i, field, j),
                                      f"unknown model {name!r}; defined models: {', '.join(sorted(models))}"))
+        for j, name in enumerate(route.cascade.drafts if route.cascade else []):
+            if name not in models:
+                problems.append((("routes", i, "cascade", "drafts", j),
+                                 f"unknown model {name!r}; defined models: {', '.join(sorted(models))}"))
         for j, name in enumerate(route.match.model or []):
             if name not in virtual:
                 why = "a request for a policy model is pinned to it and" if name in models else "it"

@@ -210,7 +210,7 @@ def test_build_scorer_from_specs():
 
 @pytest.mark.parametrize("spec,path", [
     ("nope", "name"),
-    ({"name": "logprobs", "how": "median"}, "logprobs"),
+    ({"name": "logprobs", "how": "median"}, ""),  # the scorer itself refused its options
     ({"name": "agreement", "colour": 1}, "colour"),
     ({"combine": "min", "of": ["verifier-rules", {"name": "bad"}]}, "of[1].name"),
     ({"combine": "vote", "of": ["checks"]}, "combine"),

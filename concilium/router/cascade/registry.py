@@ -95,4 +95,4 @@ def build_scorer(spec: Any, path: str = "") -> Scorer:
     except VerifierError as e:
         raise ScorerSpecError(f"{path}.artifact" if path else "artifact", str(e)) from None
     except (ValueError, TypeError) as e:
-        raise ScorerSpecError(path or name, str(e)) from None
+        raise ScorerSpecError(path, f"{name}: {e}") from None  # the scorer at `path` refused its options
