@@ -21,8 +21,10 @@ class Finding:
     end: int
 
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}\.)+"
-                    r"[A-Za-z]{2,24}(?![\w-])")
+# Internationalised addresses too (RFC 6531): any letter or digit in the local part and the domain
+# labels; the top-level domain is letters (any script) or an IDNA `xn--` label.
+_EMAIL = re.compile(r"(?<![\w.+-])[^\W_][\w.%+-]{0,63}@[^\W_](?:[\w-]{0,62}\.)+"
+                    r"(?:[^\W\d_]{2,24}|xn--[a-z0-9-]{2,59})(?![\w-])")
 # A run of digits with the separators people write inside card and phone numbers.
 _DIGITS = re.compile(r"(?<![\w+.-])\+?\(?\d(?:[\d \t().-]{5,30})\d(?![\w.]?\d)")
 _DATE = re.compile(r"^\d{4}[-./]\d{1,2}[-./]\d{1,2}$|^\d{1,2}[-./]\d{1,2}[-./]\d{2,4}$")

@@ -12,6 +12,10 @@ from concilium.guard.pii import contains_pii, iban_ok, luhn_ok, pii_kinds, promp
 
 @pytest.mark.parametrize("text,kind", [
     ("write to jane.doe+work@example.co.uk today", "email"),
+    ("écrivez à josé.müller@exemple.fr demain", "email"),
+    ("почта: иван@пример.рф", "email"),
+    ("邮箱 用户@例子.广告 谢谢", "email"),
+    ("mail zoë@bücher.de or ana@xn--bcher-kva.de", "email"),
     ("call me on +44 20 7946 0958", "phone"),
     ("my number is (555) 123-4567", "phone"),
     ("tel 030 1234 5678", "phone"),
