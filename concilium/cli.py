@@ -28,7 +28,10 @@ def _exists(module: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from concilium import __version__
+
     parser = argparse.ArgumentParser(prog="concilium", description="Concilium society-of-models gateway")
+    parser.add_argument("--version", action="version", version=f"concilium {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         if not _exists(name):
