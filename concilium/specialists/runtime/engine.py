@@ -155,7 +155,6 @@ class Engine:
         self._stopping = False
         self._decode_text = tokenizer.decode if tokenizer is not None else (lambda ids: "")
         self._json_vocab: Any = None  # built at the first JSON-mode request
-        self._json_lock = threading.Lock()
 
     def _want_graphs(self, requested: bool | None) -> bool:
         usable = self.model.device.type == "cuda" and self.model.ops.name == "kernels"
@@ -183,7 +182,8 @@ class Engine:
             raise ValueError("stop sequences need a tokenizer")
         if any(t >= vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
-        json_vocab = self._json_mode_vocab() if params.json_object else None
+        if params.json_object and self.tokenizer is None:
+            raise ValueError("JSON mode needs a tokenizer")
         handle = RequestHandle(next(self._ids))
         seq = _Sequence(
             handle=handle,
@@ -194,7 +194,7 @@ class Engine:
             stop_ids=frozenset() if params.ignore_eos else self.eos_ids | frozenset(params.stop_token_ids),
             generator=params.make_generator(self.model.device),
             counts=torch.zeros(vocab, device=self.model.device) if params.penalized else None,
-            json=json_vocab.initial if json_vocab is not None else None,
+            json=_json_start() if params.json_object else None,
         )
         with self._cv:
             self._incoming.append(seq)
@@ -202,16 +202,14 @@ class Engine:
         return handle
 
     def _json_mode_vocab(self) -> Any:
-        if self.tokenizer is None:
-            raise ValueError("JSON mode needs a tokenizer")
-        with self._json_lock:
-            if self._json_vocab is None:
-                from concilium.specialists.runtime.json_mode import JsonVocab
+        """Token masks for JSON mode, built on the engine thread at the first request that asks."""
+        if self._json_vocab is None:
+            from concilium.specialists.runtime.json_mode import JsonVocab
 
-                tok, n = self.tokenizer, self.model.cfg.vocab_size
-                raw = [tok.token_bytes(i) if i < tok.vocab_size else b"" for i in range(n)]
-                self._json_vocab = JsonVocab(raw, tok.special_ids, self.eos_ids, self.model.device)
-            return self._json_vocab
+            tok, n = self.tokenizer, self.model.cfg.vocab_size
+            raw = [tok.token_bytes(i) if i < tok.vocab_size else b"" for i in range(n)]
+            self._json_vocab = JsonVocab(raw, tok.special_ids, self.eos_ids, self.model.device)
+        return self._json_vocab
 
     # -- one iteration ----------------------------------------------------------------------
 
@@ -288,7 +286,8 @@ class Engine:
     def _allowed(self, seqs: list[_Sequence]) -> list[torch.Tensor | None] | None:
         if all(s.json is None for s in seqs):
             return None
-        return [self._json_vocab.mask(s.json) if s.json is not None else None for s in seqs]
+        vocab = self._json_mode_vocab()
+        return [vocab.mask(s.json) if s.json is not None else None for s in seqs]
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, seqs: list[_Sequence], tokens: list[int]) -> list[TokenLogprob | None]:
@@ -467,6 +466,12 @@ class Engine:
             "expert_tokens": self.model.expert_load() if self.model.cfg.is_moe else {},
             "time": time.time(),
         }
+
+
+def _json_start() -> Any:
+    from concilium.specialists.runtime.json_mode import INITIAL
+
+    return INITIAL
 
 
 class _Collector:
