@@ -16,7 +16,7 @@ COMMAND_MODULES = [
     "concilium.router.cascade.replay",  # eval replay
     "concilium.specialists.runtime.cli",  # serve-model
     "concilium.workers.cli",  # worker
-    "concilium.gateway.keys_cli",  # keys create
+    "concilium.gateway.keys_cli",  # keys create / list / disable / enable / rotate / revoke
 ]
 
 

@@ -1,8 +1,11 @@
-"""`concilium keys create|list`: make API keys and keep their hashes in the key file.
+"""`concilium keys create|list|disable|enable|rotate|revoke`: make API keys and keep their hashes in
+the key file.
 
 The key is printed once and never stored; the key file (default `$CONCILIUM_KEYS_FILE` or
 `<data dir>/keys.yaml`) keeps its SHA-256 with the key's team, allowed models and routes, budgets and
-rate limits. A running gateway picks up changes to the key file within a second.
+rate limits. `disable`/`enable` switch a key off and on, `rotate` gives a key a new secret (the old
+one stops working; name, limits and spend stay), `revoke` removes it. A running gateway picks up
+changes to the key file within a second.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("keys", help="API keys: create, list")
+    p = sub.add_parser("keys", help="API keys: create, list, disable, enable, rotate, revoke")
     ksub = p.add_subparsers(dest="keys_command", required=True)
     c = ksub.add_parser("create", help="make a key, store its hash, print the key once")
     c.add_argument("--name", required=True, help="a name for the key (shown in /v1/usage and logs)")
@@ -33,6 +36,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls = ksub.add_parser("list", help="list the keys in the key file (names and limits, never keys)")
     ls.add_argument("--file")
     ls.set_defaults(func=list_keys)
+    for name, func, text in (
+            ("disable", disable, "refuse a key (401) until it is enabled again"),
+            ("enable", enable, "accept a disabled key again"),
+            ("rotate", rotate, "give a key a new secret and print it once; the old one stops working"),
+            ("revoke", revoke, "remove a key from the key file for good")):
+        c = ksub.add_parser(name, help=text)
+        c.add_argument("name", help="the key's name")
+        c.add_argument("--file", help="key file (default: $CONCILIUM_KEYS_FILE or <data dir>/keys.yaml)")
+        c.set_defaults(func=func)
 
 
 def _key_file(arg: str | None) -> Path:
@@ -142,3 +154,86 @@ def list_keys(args: argparse.Namespace) -> int:
         print(f"{k.name}\tteam={k.team or '-'}\t{' '.join(limits) or 'no limits'}"
               + ("\tdisabled" if k.disabled else ""))
     return 0
+
+
+def _change(args: argparse.Namespace, edit) -> int:
+    """Apply `edit(entries, index)` to the key named `args.name` in the key file, check, write."""
+    import yaml
+
+    from concilium.guard.schema import load_key_file, parse_keys
+    from concilium.policy.loader import PolicyError
+
+    path = _key_file(args.file)
+    if not path.exists():
+        print(f"{path}: no key file", file=sys.stderr)
+        return 2
+    try:
+        load_key_file(path)  # refuse to edit a broken file
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return 2
+    entries = list((yaml.safe_load(path.read_text()) or {}).get("keys") or [])
+    where = [i for i, x in enumerate(entries) if isinstance(x, dict) and x.get("name") == args.name]
+    if not where:
+        print(f"{path}: no key named {args.name!r} (keys defined in a policy's keys: are changed there)",
+              file=sys.stderr)
+        return 2
+    out = edit(entries, where[0])
+    try:
+        parse_keys(entries, str(path))
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return 2
+    _write(path, entries)
+    if out:
+        print(out)
+    return 0
+
+
+def _set_disabled(value: bool):
+    def edit(entries: list[dict], i: int) -> None:
+        if value:
+            entries[i]["disabled"] = True
+        else:
+            entries[i].pop("disabled", None)
+    return edit
+
+
+def disable(args: argparse.Namespace) -> int:
+    rc = _change(args, _set_disabled(True))
+    if rc == 0:
+        print(f"# key {args.name!r} is disabled", file=sys.stderr)
+    return rc
+
+
+def enable(args: argparse.Namespace) -> int:
+    rc = _change(args, _set_disabled(False))
+    if rc == 0:
+        print(f"# key {args.name!r} is enabled", file=sys.stderr)
+    return rc
+
+
+def rotate(args: argparse.Namespace) -> int:
+    from concilium.guard.keys import hash_key, new_key
+
+    key = new_key()
+
+    def edit(entries: list[dict], i: int) -> str:
+        entries[i]["hash"] = hash_key(key)
+        return key
+
+    rc = _change(args, edit)
+    if rc == 0:
+        print(f"# key {args.name!r} has a new secret, shown only now; the old one no longer works",
+              file=sys.stderr)
+    return rc
+
+
+def revoke(args: argparse.Namespace) -> int:
+    def edit(entries: list[dict], i: int) -> None:
+        del entries[i]
+
+    rc = _change(args, edit)
+    if rc == 0:
+        print(f"# key {args.name!r} is revoked", file=sys.stderr)
+    return rc
