@@ -92,7 +92,6 @@ async def _attempts(plan: RoutePlan, ctx: CallContext, run: Callable[[Provider, 
                     ctx.on_attempt_error(cand.model, e)
                 if not e.fallback:  # the request itself is bad: no other model will do better
                     raise
-                ctx.breaker.failure(cand.model)
                 if not e.retryable or attempt == plan.retries or ctx.breaker.open_reason(cand.model):
                     break
                 delay = backoff_delay(ctx.retry, attempt, e.retry_after)
@@ -102,6 +101,9 @@ async def _attempts(plan: RoutePlan, ctx: CallContext, run: Callable[[Provider, 
                 continue
             ctx.breaker.success(cand.model)
             return cand.model, result, attempts
+        # One failure per request that gave up on this model, however many retries it took: the
+        # breaker counts failing requests, so a retry policy does not change when it opens.
+        ctx.breaker.failure(cand.model)
     raise AllCandidatesFailed(attempts, last)
 
 

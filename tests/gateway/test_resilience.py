@@ -77,13 +77,14 @@ def test_falls_back_down_the_plan(gw, upstream):
 
 def test_circuit_breaker_skips_failing_model(gw, upstream):
     upstream.default("primary", {"status": 500})
-    gw.client().chat.completions.create(model="concilium/auto", messages=MSG)  # 3 failures: circuit opens
+    for _ in range(3):  # 3 failed requests (3 attempts each, counted once): the circuit opens
+        gw.client().chat.completions.create(model="concilium/auto", messages=MSG)
     status, plan = gw.post("/v1/route", {"model": "concilium/auto", "messages": MSG})
     assert status == 200
     assert [c["model"] for c in plan["candidates"]] == ["backup"]
     assert plan["skipped"][0]["model"] == "primary" and "circuit open" in plan["skipped"][0]["reason"]
     gw.client().chat.completions.create(model="concilium/auto", messages=MSG)
-    assert upstream.stats()["by_model"]["primary"] == 3  # not called again while open
+    assert upstream.stats()["by_model"]["primary"] == 9  # not called again while open
 
 
 def test_timeout_falls_back(gw, upstream):

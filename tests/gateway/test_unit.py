@@ -119,9 +119,11 @@ async def test_breaker_opens_and_plan_skips_it():
     b = _Scripted("backup", [])
     ctx = _ctx({"primary": p, "backup": b}, breaker)
     await call.complete(decide(body(), POLICY), body(), ctx)
-    assert p.calls == 2 and breaker.open_reason("primary").startswith("circuit open")
+    assert p.calls == 3 and breaker.open_reason("primary") is None  # a request's retries: one failure
     await call.complete(decide(body(), POLICY), body(), ctx)
-    assert p.calls == 2  # skipped while open
+    assert p.calls == 6 and breaker.open_reason("primary").startswith("circuit open")
+    await call.complete(decide(body(), POLICY), body(), ctx)
+    assert p.calls == 6  # skipped while open
     now[0] = 11.0
     assert breaker.open_reason("primary") is None  # half-open: next call is a trial
 

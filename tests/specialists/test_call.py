@@ -52,3 +52,16 @@ async def test_streams_use_the_candidates_timeout_too():
     handle = await call.stream(_plan(), {}, _ctx({"quick": quick, "steady": steady}))
     assert handle.model == "steady" and quick.timeouts == [1, 1] and steady.timeouts == [30]
     await call._aclose(handle.rest)
+
+
+async def test_a_requests_retries_count_as_one_breaker_failure():
+    quick, steady = _Recording("quick", fail=True), _Recording("steady")
+    breaker = CircuitBreaker(2, 30)
+    ctx = call.CallContext(providers={"quick": quick, "steady": steady}.__getitem__, breaker=breaker,
+                           retry=Retry(attempts=3, backoff_s=0, backoff_max_s=0))
+    plan = _plan().model_copy(update={"retries": 3})
+    await call.complete(plan, {}, ctx)
+    assert len(quick.timeouts) == 4  # one try and three retries ...
+    assert breaker.snapshot()["quick"]["failures"] == 1 and breaker.open_reason("quick") is None  # ... one failure
+    await call.complete(plan, {}, ctx)
+    assert breaker.open_reason("quick") is not None  # the second failed request opens it
