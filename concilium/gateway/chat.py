@@ -254,7 +254,8 @@ async def _relay(handle: call.StreamHandle, want_usage: bool, finish: Any) -> As
         yield b"".join(pending)
     except ProviderError as e:
         status = "error"
-        pending.append(sse_error(f"the stream from {handle.model} failed after it started: {e.message}",
+        pending.append(sse_error(f"the stream from {handle.model} failed after it started: "
+                                 f"{call.unnamed(handle.model, e.message)}",
                                  code=e.code or "stream_failed"))
         yield b"".join(pending)
     except asyncio.CancelledError:

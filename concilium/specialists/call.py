@@ -48,11 +48,21 @@ class StreamHandle:
     attempts: list[Attempt] = field(default_factory=list)
 
 
+def named(model: str, message: str) -> str:
+    """`message` about `model`, starting with the model's name once (providers often put it there)."""
+    return message if message.startswith(f"{model}: ") else f"{model}: {message}"
+
+
+def unnamed(model: str, message: str) -> str:
+    """`message` without a leading `model: ` (for a sentence that names the model itself)."""
+    return message[len(model) + 2:] if message.startswith(f"{model}: ") else message
+
+
 class AllCandidatesFailed(Exception):
     def __init__(self, attempts: list[Attempt], last: ProviderError | None) -> None:
         self.attempts = attempts
         self.last = last
-        detail = "; ".join(f"{a.model}: {a.error}" for a in attempts[-4:]) or "no candidate could be called"
+        detail = "; ".join(named(a.model, a.error) for a in attempts[-4:]) or "no candidate could be called"
         super().__init__(f"all candidates failed: {detail}")
 
 

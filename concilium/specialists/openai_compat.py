@@ -32,6 +32,26 @@ def parse_retry_after(value: str | None) -> float | None:
         return None  # HTTP-date form: treat as unknown
 
 
+def describe(e: aiohttp.ClientError) -> str:
+    """A connection failure in plain words (aiohttp's own text carries its internals: `ssl:default`,
+    `[Connect call failed ('127.0.0.1', 1)]`, class names)."""
+    if isinstance(e, aiohttp.ClientConnectorError):
+        errno = getattr(e.os_error, "errno", None)
+        why = os.strerror(errno).lower() if errno else None  # asyncio's strerror repeats the address
+        return f"cannot connect to {e.host}:{e.port}" + (f" ({why})" if why else "")
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(e, aiohttp.ClientPayloadError):
+        return "the response body was cut short"
+    if isinstance(e, aiohttp.ClientResponseError):
+        return f"bad response ({e.status} {e.message})"
+    if isinstance(e, aiohttp.ClientOSError) and e.errno:
+        return os.strerror(e.errno).lower()
+    if isinstance(e, aiohttp.InvalidURL):
+        return f"invalid URL {e.url}"
+    return "the connection failed"
+
+
 async def error_from_response(resp: aiohttp.ClientResponse, who: str) -> ProviderError:
     raw = await resp.read()
     message = raw[:500].decode("utf-8", "replace")
@@ -175,7 +195,7 @@ class OpenAICompatProvider(Provider):
         except TimeoutError:
             raise ProviderError(f"{self.name}: timed out after {timeout:g}s", status=504, code="timeout") from None
         except aiohttp.ClientError as e:
-            raise ProviderError(f"{self.name}: connection failed: {e}", code="connection_error") from None
+            raise ProviderError(f"{self.name}: connection failed: {describe(e)}", code="connection_error") from None
         try:
             out = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -218,4 +238,4 @@ class OpenAICompatProvider(Provider):
         except TimeoutError:
             raise ProviderError(f"{self.name}: no data for {timeout:g}s", status=504, code="timeout") from None
         except aiohttp.ClientError as e:
-            raise ProviderError(f"{self.name}: stream failed: {e}", code="stream_dropped") from None
+            raise ProviderError(f"{self.name}: stream failed: {describe(e)}", code="stream_dropped") from None

@@ -110,6 +110,7 @@ def test_all_candidates_failing_is_a_clear_error(gw, upstream):
     assert e.value.status_code == 502
     assert e.value.body["code"] == "all_candidates_failed"
     assert "primary" in e.value.message and "backup" in e.value.message
+    assert "primary: primary" not in e.value.message and "backup: backup" not in e.value.message
 
 
 def test_missing_key_model_is_skipped_with_reason(gw, upstream):
@@ -135,6 +136,7 @@ def test_stream_failure_after_first_token_ends_with_error_event(gw, upstream):
         for c in gw.client().chat.completions.create(model="concilium/auto", messages=MSG, stream=True):
             got.append(c.choices[0].delta.content or "")
     assert "failed after it started" in str(e.value)
+    assert "primary: primary" not in str(e.value) and str(e.value).count("primary") == 1, str(e.value)
     assert "".join(got).startswith("one")  # what arrived before the failure was delivered
     assert upstream.stats()["by_model"] == {"primary": 1}  # no silent switch mid-answer
 

@@ -65,3 +65,15 @@ async def test_a_requests_retries_count_as_one_breaker_failure():
     assert breaker.snapshot()["quick"]["failures"] == 1 and breaker.open_reason("quick") is None  # ... one failure
     await call.complete(plan, {}, ctx)
     assert breaker.open_reason("quick") is not None  # the second failed request opens it
+
+
+async def test_all_candidates_failed_names_each_model_once():
+    quick, steady = _Recording("quick", fail=True), _Recording("steady", fail=True)
+    try:
+        await call.complete(_plan(), {}, _ctx({"quick": quick, "steady": steady}))
+    except call.AllCandidatesFailed as e:
+        text = str(e)
+    assert "quick: quick:" not in text and "steady: steady:" not in text
+    assert "quick: timed out after 1s" in text and "steady: timed out after 30s" in text
+    assert call.AllCandidatesFailed([call.Attempt("quick", "circuit open for 3.0s after 3 failures", 503)],
+                                    None).args[0] == "all candidates failed: quick: circuit open for 3.0s after 3 failures"
