@@ -36,7 +36,7 @@ import numpy as np
 
 from concilium.router import metrics as M
 from concilium.router.cascade.grading import grade
-from concilium.router.cascade.verifier import RulesVerifier, VerifierConfig, featurise, train_verifier
+from concilium.router.cascade.verifier import RulesVerifier, VerifierConfig, featurise, fit_features
 from concilium.router.converters import CHARS_PER_TOKEN
 from concilium.router.outcomes import Outcome, OutcomeError
 
@@ -211,10 +211,8 @@ def kfold(data: CascadeData, config: VerifierConfig | None = None, embedder=None
                 p_w, p_s = prompt_router_scores(prompt_features, tr, te, [data.weak, data.strong_q])
                 add("prompt router", p_s - p_w, te, seed, cascade=False)
             add("rules", -rules_accept[te], te, seed)
-            train_recs = [data.records[i] for i in tr]
-            ver = train_verifier(train_recs, cfg, embedder, models=[data.draft], features=verifier_features[tr])
-            if data.grading != "scores":  # re-graded labels: refit on them
-                ver = _refit(ver, verifier_features[tr], data.weak[tr], cfg, embedder)
+            # The draft's responses in the training folds, labelled by the grading under evaluation.
+            ver = fit_features(verifier_features[tr], data.weak[tr], None, cfg, embedder)
             p_ok = ver.probabilities(verifier_features[te])
             add("verifier", -p_ok, te, seed)
             if prompt_features is not None:
@@ -224,18 +222,6 @@ def kfold(data: CascadeData, config: VerifierConfig | None = None, embedder=None
             if on_fold:
                 on_fold(seed, j)
     return KFoldResult(rows, n, k, len(seeds), oof)
-
-
-def _refit(ver, x: np.ndarray, y: np.ndarray, cfg: VerifierConfig, embedder):
-    """The same verifier fitted on other labels (re-graded outcomes) of the same examples."""
-    from concilium.router.cascade.verifier import Verifier, _fit, choose_c, standardiser
-
-    mu, sd = standardiser(x, cfg, embedder.dim if embedder is not None else 0)
-    z = (x - mu) / sd
-    w = np.ones(len(y))
-    c = cfg.c if cfg.c is not None else choose_c(z, y, w, cfg.c_grid, cfg.max_iter)[0]
-    coef, b = _fit(z, y, w, c, cfg.max_iter)
-    return Verifier(coef, b, mu, sd, cfg, embedder, ver.meta)
 
 
 def threshold_table(accept: np.ndarray, data: CascadeData, shares: Sequence[float] = (0.1, 0.2, 0.3, 0.5)) -> list[dict]:

@@ -279,19 +279,31 @@ def train_verifier(records: Sequence[Outcome], config: VerifierConfig | None = N
     if not ((ex.labels > 0).any() and (ex.labels < 1).any()):
         raise VerifierError("a verifier needs both good and bad responses among its examples")
     x = featurise(ex.prompts, ex.answers, cfg, embedder) if features is None else features
+    ver = fit_features(x, ex.labels, ex.weights, cfg, embedder)
+    counts: dict[str, int] = {}
+    for m in ex.models:
+        counts[m] = counts.get(m, 0) + 1
+    ver.meta["training"].update({"examples": len(ex.labels), "models": counts,
+                                 "mean_label": round(float(ex.labels.mean()), 4)})
+    ver.meta.update(meta or {})
+    return ver
+
+
+def fit_features(x: np.ndarray, labels: np.ndarray, weights: np.ndarray | None, config: VerifierConfig,
+                 embedder: Any = None) -> Verifier:
+    """A verifier fitted on a precomputed feature matrix and labels (0..1) — what `train_verifier`
+    does after collecting its examples; the offline evaluation calls it per fold."""
+    cfg = config
+    y = np.asarray(labels, np.float64)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, np.float64)
     mu, sd = standardiser(x, cfg, embedder.dim if embedder is not None else 0)
     z = (x - mu) / sd
     losses: dict[str, float] = {}
     c = cfg.c
     if c is None:
-        c, losses = choose_c(z, ex.labels, ex.weights, cfg.c_grid, cfg.max_iter)
-    coef, b = _fit(z, ex.labels, ex.weights, c, cfg.max_iter)
-    counts: dict[str, int] = {}
-    for m in ex.models:
-        counts[m] = counts.get(m, 0) + 1
-    info = {"examples": len(ex.labels), "models": counts, "mean_label": round(float(ex.labels.mean()), 4),
-            "c": c, "cv_log_loss": losses}
-    return Verifier(coef, b, mu, sd, cfg, embedder, {"training": info, **(meta or {})})
+        c, losses = choose_c(z, y, w, cfg.c_grid, cfg.max_iter)
+    coef, b = _fit(z, y, w, c, cfg.max_iter)
+    return Verifier(coef, b, mu, sd, cfg, embedder, {"training": {"c": c, "cv_log_loss": losses}})
 
 
 # --- no training -------------------------------------------------------------------------------
