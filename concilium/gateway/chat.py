@@ -45,11 +45,15 @@ def request_id(request: Request) -> str:
     return f"{random.getrandbits(128):032x}"
 
 
+def is_json_media_type(ctype: str) -> bool:
+    """`application/json` or a `+json` type (`application/vnd.api+json`), any case, any parameters."""
+    media = ctype.partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     ctype = _header(request, b"content-type")
-    if ctype is None:
-        ctype = "application/json"
-    if "json" not in ctype:
+    if ctype is not None and ctype != "application/json" and not is_json_media_type(ctype):
         raise APIError(415, f"expected an application/json body, got content-type {ctype!r}",
                        code="unsupported_media_type")
     raw = await request.body()

@@ -1,14 +1,19 @@
 """Request validation for the OpenAI routes.
 
 Validated with pydantic for clear errors and the OpenAPI schema, but the handler passes the client's
-original JSON on (unknown fields such as provider-specific options survive untouched).
+original JSON on (unknown fields such as provider-specific options survive untouched). Scalars are
+strict, as OpenAI's API is: `"stream": "yes"` or `"max_tokens": "5"` is a 400 naming the field, not
+a value quietly converted here and sent on unconverted.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+# A number: an integer or a float, never a string or a boolean.
+Number = Annotated[float, Field(strict=True)]
 
 
 class ContentPart(BaseModel):
@@ -25,28 +30,33 @@ class Message(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool | None = None
+    include_usage: StrictBool | None = None
 
 
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, max_length=256)
     messages: list[Message] = Field(min_length=1, max_length=10_000)
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    n: int | None = Field(None, ge=1, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, ge=0, le=1)
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    parallel_tool_calls: StrictBool | None = None
+    n: StrictInt | None = Field(None, ge=1, le=1)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    user: str | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    user: StrictStr | None = None
     metadata: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
-    background: bool | None = None
+    reasoning_effort: StrictStr | None = None
+    background: StrictBool | None = None
     # Gateway-level: models to fall back to, in order, after `model` (OpenRouter's `models` too).
     fallbacks: list[str] | None = Field(None, max_length=32)
     models: list[str] | None = Field(None, max_length=32)

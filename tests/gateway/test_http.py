@@ -52,6 +52,31 @@ def test_bad_requests_get_openai_errors(gw):
     assert_openai_error(s, b, 400, "model")
 
 
+LOOSE = [
+    ("stream", "yes"), ("stream", 1), ("max_tokens", "5"), ("max_tokens", 5.0), ("max_tokens", True),
+    ("max_completion_tokens", "5"), ("temperature", "0.5"), ("top_p", "1"), ("seed", "7"), ("n", "1"),
+    ("stream_options", {"include_usage": "yes"}), ("background", "no"), ("logprobs", "true"),
+    ("top_logprobs", "2"), ("presence_penalty", "0"), ("frequency_penalty", "1"), ("parallel_tool_calls", 0),
+]
+
+
+def test_loosely_typed_fields_are_refused_naming_the_param(gw, upstream):
+    for field, value in LOOSE:
+        s, b = raw_post(gw, json.dumps({"model": "concilium/auto", "messages": MSG, field: value}).encode())
+        assert_openai_error(s, b, 400, field)
+        assert b["error"]["param"].split(".")[0] == field and b["error"]["type"] == "invalid_request_error"
+    assert upstream.stats()["requests"] == 0
+
+
+def test_only_json_media_types_are_read_as_json(gw):
+    body = json.dumps({"model": "concilium/auto", "messages": MSG, "max_tokens": 5, "temperature": 1}).encode()
+    for ctype in ("application/x-notjson", "text/json-ish", "application/jsonx", "multipart/form-data; boundary=json"):
+        assert_openai_error(*raw_post(gw, body, ctype), 415, "application/json")
+    for ctype in ("application/json", "application/json; charset=utf-8", "Application/JSON",
+                  "application/vnd.api+json"):
+        assert raw_post(gw, body, ctype)[0] == 200, ctype
+
+
 def test_unknown_model_is_404_through_the_sdk(gw):
     with pytest.raises(openai.NotFoundError) as e:
         gw.client().chat.completions.create(model="gpt-17", messages=MSG)
