@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -17,31 +16,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from concilium import __version__
-from concilium.gateway.chat import chat_completions, plan_request, read_json, request_id, validate
+from concilium.gateway import routes_feedback, routes_jobs, routes_usage
+from concilium.gateway.auth import AuthMiddleware
+from concilium.gateway.chat import chat_completions
 from concilium.gateway.errors import APIError, error_response
 from concilium.gateway.fastpath import FastPath
 from concilium.gateway.limits import BodySizeLimit
-from concilium.gateway.metrics import Metrics
+from concilium.gateway.requests import plan_request, read_json, request_id, validate
+from concilium.gateway.routes_jobs import jobs_unavailable
 from concilium.gateway.schemas import ChatCompletionRequest, RouteRequest
-from concilium.pipeline.state import PolicyState
+from concilium.gateway.services import Services
 from concilium.settings import Settings
+from concilium.workers.store import StoreUnavailable
 
 log = logging.getLogger("concilium.gateway")
-
-# Optional parts that register their own routes when present.
-OPTIONAL_ROUTERS = [
-    "concilium.gateway.routes_feedback",
-    "concilium.gateway.routes_jobs",
-    "concilium.gateway.routes_usage",
-]
-
-
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
 
 def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
     """A self-contained schema: each `#/$defs/X` reference replaced by its definition (no cycles here)."""
@@ -65,26 +53,28 @@ def _body_schema(model: type) -> dict[str, Any]:
 
 
 def create_app(settings: Settings | None = None, policy_path: str | None = None) -> FastAPI:
+    """The composition root: every service is built here, started and closed by the lifespan, and
+    handed to the routes (`services.Services`)."""
     settings = settings or Settings()
-    metrics = Metrics()
-    state = PolicyState(policy_path or settings.policy, metrics)
+    svc = Services.build(settings, policy_path or settings.policy)
+    state, metrics = svc.policy, svc.metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.start_background(settings.policy_watch_s)
-        await state.start()
+        await svc.start()
         log.info("concilium %s serving policy %s", __version__, state.policy_path)
-        yield
-        await state.close()
+        try:
+            yield
+        finally:
+            await svc.close()
 
     app = FastAPI(title="Concilium", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible society-of-models gateway")
-    app.state.gateway = state
-    app.state.metrics = metrics
-    app.state.settings = settings
+    app.state.services = svc
     # Innermost first: the hot endpoint skips routing and dependency solving, not the other middleware.
     app.add_middleware(FastPath, path="/v1/chat/completions")
     app.add_middleware(BodySizeLimit, limit=lambda: state.current.policy.limits.max_body_bytes)
+    app.add_middleware(AuthMiddleware, guard=svc.guard)  # outermost: a request without a valid key goes no further
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> Response:
@@ -117,9 +107,8 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
         validate(RouteRequest, body)
         snap = state.current
         plan = plan_request(snap, body, request_id(request))
-        guard = getattr(app.state, "guard", None)
-        if guard is not None and guard.active:  # a dry run obeys the key's model and route allow-lists
-            _, allowed = guard.check_access(request, body, plan, snap, {})
+        if svc.guard.active:  # a dry run obeys the key's model and route allow-lists
+            _, allowed = svc.guard.check_access(request, body, plan, snap, {})
             plan = plan.model_copy(update={"candidates": allowed})
         return Response(plan.model_dump_json(), media_type="application/json")
 
@@ -152,10 +141,10 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    for name in OPTIONAL_ROUTERS:
-        if _module_exists(name):
-            module = importlib.import_module(name)
-            app.include_router(module.router)
-            if hasattr(module, "setup"):
-                module.setup(app)
+    @app.exception_handler(StoreUnavailable)
+    async def _jobs_down(_: Request, exc: StoreUnavailable) -> Response:
+        return error_response(jobs_unavailable(exc))
+
+    for module in (routes_feedback, routes_jobs, routes_usage):
+        app.include_router(module.router)
     return app

@@ -1,102 +1,41 @@
-"""POST /v1/chat/completions: decide, call down the plan, answer in OpenAI's shapes."""
+"""POST /v1/chat/completions: admit, plan, execute (one model, a cascade, or a background job) and
+settle, answering in OpenAI's shapes.
+
+This route stays a plain Starlette-style endpoint that takes only the `Request` (see fastpath.py:
+FastAPI's dependency solving costs more CPU than the rest of a proxied request), so it reads the
+app's services from `request.app.state.services` instead of `Depends`."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from concilium.core.plan import RoutePlan
+from concilium.gateway import routes_jobs
 from concilium.gateway.errors import APIError, sse_error
 from concilium.gateway.headers import header_value, plan_headers
+from concilium.gateway.requests import (
+    no_candidates,
+    plan_request,
+    read_json,
+    request_header,
+    request_id,
+    validate,
+)
 from concilium.gateway.responses import EventStreamResponse
 from concilium.gateway.schemas import ChatCompletionRequest
-from concilium.guard import privacy
 from concilium.pipeline import cascade
 from concilium.pipeline.state import Snapshot
-from concilium.router.decide import DecisionError, decide
 from concilium.specialists import call
 from concilium.specialists.base import CONTEXT_LENGTH_EXCEEDED, ProviderError
 
 _DONE = b"data: [DONE]\n\n"
-
-
-def _header(request: Request, name: bytes) -> str | None:
-    """The first value of a (lower-case) request header, as `request.headers.get` would give it,
-    read straight from the ASGI scope (no Headers object, no KeyError for a missing header)."""
-    for k, v in request.scope["headers"]:
-        if k == name:
-            return v.decode("latin-1")
-    return None
-
-
-def request_id(request: Request) -> str:
-    rid = _header(request, b"x-request-id")
-    if rid and len(rid) <= 128 and rid.isascii() and rid.replace("-", "").replace("_", "").isalnum():
-        return rid
-    # 128 random bits as 32 hex digits: a correlation id, not a secret, so no urandom syscall per request.
-    return f"{random.getrandbits(128):032x}"
-
-
-def is_json_media_type(ctype: str) -> bool:
-    """`application/json` or a `+json` type (`application/vnd.api+json`), any case, any parameters."""
-    media = ctype.partition(";")[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
-
-
-async def read_json(request: Request) -> dict[str, Any]:
-    ctype = _header(request, b"content-type")
-    if ctype is not None and ctype != "application/json" and not is_json_media_type(ctype):
-        raise APIError(415, f"expected an application/json body, got content-type {ctype!r}",
-                       code="unsupported_media_type")
-    raw = await request.body()
-    if not raw:
-        raise APIError(400, "the request body is empty; expected a JSON object", code="invalid_json")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise APIError(400, f"could not parse the JSON body: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"expected a JSON object, got {type(body).__name__}", code="invalid_json")
-    return body
-
-
-def validate(model: type, body: dict[str, Any]) -> None:
-    try:
-        model.model_validate(body)
-    except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param,
-                       code="invalid_request") from None
-
-
-def plan_request(snap: Snapshot, body: dict[str, Any], rid: str) -> RoutePlan:
-    pii = privacy.verdict(body, snap.policy, rid)  # None unless the policy routes on PII
-    try:
-        plan = decide(body, snap.policy, dispatcher=snap.dispatcher, availability=snap.availability,
-                      windows=snap.context_limit, features=snap.unsupported, request_id=rid, pii=pii)
-    except DecisionError as e:
-        raise APIError(e.status, e.message, code=e.code, param=e.param) from None
-    return privacy.restrict(plan, snap.policy, pii)
-
-
-def no_candidates(plan: RoutePlan) -> APIError:
-    why = "; ".join(f"{s.model}: {s.reason}" for s in plan.skipped) or "the route lists no callable model"
-    if plan.route == "pinned":  # answered by that model or not at all, unless fallbacks were asked for
-        return APIError(503, f"the model {plan.requested_model!r} cannot answer this request right now ({why}); "
-                        "a request that names a model is answered by that model only: list other models in "
-                        "`fallbacks` (or `models`), or ask for a virtual model to let the router choose",
-                        code="model_unavailable", param="model", headers=plan_headers(plan))
-    return APIError(503, f"no model can answer this request right now ({why})", code="no_available_model",
-                    headers=plan_headers(plan))
 
 
 def _provider_error(e: ProviderError | call.AllCandidatesFailed, plan: RoutePlan) -> APIError:
@@ -122,26 +61,25 @@ async def _until_disconnect(request: Request) -> None:
 
 
 async def chat_completions(request: Request) -> Response:
-    state = request.app.state.gateway
-    metrics = request.app.state.metrics
+    svc = request.app.state.services
+    metrics = svc.metrics
     t0 = time.perf_counter()
     rid = request_id(request)
     body = await read_json(request)
     validate(ChatCompletionRequest, body)
-    snap: Snapshot = state.current
+    snap: Snapshot = svc.policy.current
     plan = plan_request(snap, body, rid)
     if not plan.candidates and plan.strategy != "cascade":
         metrics.requests.labels("none", plan.route, "unavailable").inc()
         raise no_candidates(plan)
-    guard, ticket = getattr(request.app.state, "guard", None), None
-    if guard is not None and guard.active:  # keys: access, rate limits, reserve the maximum cost
-        ticket, plan = await guard.admit(request, body, plan, snap, plan_headers(plan))
+    ticket = None
+    if svc.guard.active:  # keys: access, rate limits, reserve the maximum cost
+        ticket, plan = await svc.guard.admit(request, body, plan, snap, plan_headers(plan))
     try:
-        jobs = getattr(request.app.state, "jobs", None)
-        if plan.mode == "background" and jobs is not None and not jobs.takes(body):
+        if plan.mode == "background" and not routes_jobs.chat_takes(body):
             plan = plan.model_copy(update={"mode": "interactive"})
-        if plan.mode == "background" and jobs is not None:
-            resp = await jobs.divert_chat(request, body, plan, snap)
+        if plan.mode == "background":
+            resp = await routes_jobs.divert_chat(request, body, plan, snap)
             if ticket is not None:
                 ticket.done(None, None, "background")  # charged at the reservation
             return resp
@@ -158,7 +96,7 @@ async def chat_completions(request: Request) -> Response:
 
 async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float,
                     ticket: Any = None, headers: dict[str, str] | None = None) -> Response:
-    metrics = request.app.state.metrics
+    metrics = request.app.state.services.metrics
     task = asyncio.ensure_future(call.complete(plan, body, snap.ctx))
     watcher = asyncio.ensure_future(_until_disconnect(request))
     try:
@@ -190,7 +128,7 @@ async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapsho
 
 async def _stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float,
                   ticket: Any = None, headers: dict[str, str] | None = None) -> Response:
-    metrics = request.app.state.metrics
+    metrics = request.app.state.services.metrics
     try:
         handle = await call.stream(plan, body, snap.ctx)
     except (ProviderError, call.AllCandidatesFailed) as e:
@@ -203,7 +141,7 @@ def _serve_stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot,
                   handle: call.StreamHandle, headers: dict[str, str] | None = None,
                   prior: list[Any] | None = None) -> Response:
     """Relay an opened upstream stream; record and settle it (with the request's `prior` calls)."""
-    metrics = request.app.state.metrics
+    metrics = request.app.state.services.metrics
     metrics.child(metrics.ttft, handle.model, plan.route).observe(time.perf_counter() - t0)
     if handle.attempts:
         metrics.fallbacks.labels(plan.route).inc()
@@ -276,7 +214,7 @@ async def _cascade(request: Request, body: dict, plan: RoutePlan, snap: Snapshot
                    ticket: Any) -> Response:
     """`strategy: cascade` (see `pipeline.cascade`): drafts first, the plan's candidates only when
     no draft is accepted. Every call is metered and paid; `usage` is the answering model's."""
-    metrics = request.app.state.metrics
+    metrics = request.app.state.services.metrics
     stream = bool(body.get("stream"))
     trust = cascade.trusted(plan)
     if trust is not None:  # the router trusts the draft: an ordinary call to it, the candidates behind it
@@ -359,7 +297,7 @@ async def _cascade(request: Request, body: dict, plan: RoutePlan, snap: Snapshot
 
 def _explained(request: Request, result: dict, run: Any) -> dict:
     """With `x-concilium-explain: true`, the response carries the whole cascade (`concilium.cascade`)."""
-    if (_header(request, b"x-concilium-explain") or "").lower() not in ("1", "true", "yes"):
+    if (request_header(request, b"x-concilium-explain") or "").lower() not in ("1", "true", "yes"):
         return result
     return {**result, "concilium": {"strategy": "cascade", "cascade": [s.model_dump(exclude_none=True)
                                                                         for s in run.steps]}}

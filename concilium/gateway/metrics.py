@@ -26,6 +26,10 @@ class Metrics:
                                  ["route"], registry=r)
         self.in_flight = Gauge("concilium_requests_in_flight", "Requests being served", registry=r)
         self.policy_reloads = Counter("concilium_policy_reloads", "Policy reloads", ["result"], registry=r)
+        self.jobs_submitted = Counter("concilium_jobs_submitted", "Background jobs submitted",
+                                      ["kind", "route"], registry=r)
+        self.jobs_diverted = Counter("concilium_jobs_chat_diverted", "Non-streaming chat requests run as jobs",
+                                     ["outcome"], registry=r)
         self.cascade = Counter("concilium_cascade_drafts", "Cascade drafts by outcome (accepted, escalated, "
                                "trusted, skipped, failed)", ["route", "model", "outcome"], registry=r)
         self.cascade_score = Histogram("concilium_cascade_score", "Scores of cascade drafts", ["route", "model"],

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 
 import orjson
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
 from concilium.gateway.errors import APIError
-from concilium.router.feedback import FeedbackError, FeedbackStore, open_store, parse_feedback
+from concilium.router.feedback import FeedbackError, FeedbackStore, parse_feedback
 
 log = logging.getLogger("concilium.gateway")
 router = APIRouter()
@@ -18,12 +18,7 @@ MAX_BODY = 256 * 1024
 
 
 def _store(request: Request) -> FeedbackStore:
-    store = getattr(request.app.state, "feedback_store", None)
-    if store is None:
-        settings = request.app.state.settings
-        store = open_store(settings.redis_url, settings.data_dir)
-        request.app.state.feedback_store = store
-    return store
+    return request.app.state.services.feedback
 
 
 @router.post("/v1/feedback", summary="Score an answer (0..1) by its request id, with an optional comment")
@@ -48,8 +43,3 @@ async def feedback(request: Request) -> Response:
                        code="feedback_unavailable") from None
     out = {"object": "feedback", "id": fb.id, "request_id": fb.request_id, "score": fb.score, "stored": store.kind}
     return Response(orjson.dumps(out), media_type="application/json")
-
-
-def setup(app: FastAPI) -> None:
-    settings = app.state.settings
-    app.state.feedback_store = open_store(settings.redis_url, settings.data_dir)

@@ -3,7 +3,7 @@
   POST /v1/responses                       create (background, stream); Idempotency-Key honoured
   GET  /v1/responses/{id}                  the response object; ?stream=true&starting_after=N resumes
   POST /v1/responses/{id}/cancel           cancel; the partial answer is kept
-and the chat-completions diversion (`app.state.jobs.divert_chat`): when the router puts a chat
+and the chat-completions diversion (`divert_chat`): when the router puts a chat
 request in background mode, a streaming client is fed from the job's events as ordinary chunks, and
 a non-streaming one waits up to `jobs.chat_wait_s`, then gets 202 with the job's location.
 See docs/jobs.md.
@@ -16,21 +16,19 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, FastAPI
-from prometheus_client import Counter
+from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from concilium.core.plan import RoutePlan
-from concilium.gateway.chat import no_candidates, plan_request, read_json, request_id
-from concilium.gateway.errors import APIError, error_response, sse_error
+from concilium.gateway.errors import APIError, sse_error
 from concilium.gateway.headers import header_value, plan_headers
+from concilium.gateway.requests import no_candidates, plan_request, read_json, request_id
 from concilium.pipeline.state import Snapshot
-from concilium.policy.jobs import jobs_config, parse_jobs
+from concilium.policy.jobs import jobs_config
 from concilium.specialists.base import chunk, completion, sse_event
 from concilium.workers.responses import (
     TERMINAL_EVENT_TYPES,
@@ -49,7 +47,7 @@ _KEEPALIVE = b": keepalive\n\n"
 
 
 def _service(request: Request) -> JobService:
-    return request.app.state.job_service
+    return request.app.state.services.jobs
 
 
 def owner_of(request: Request) -> str:
@@ -96,14 +94,14 @@ async def _submit(request: Request, kind: str, chat_body: dict[str, Any], tmpl: 
     except PublishError as e:
         raise APIError(503, f"the job queue is unavailable: {e}", code="queue_unavailable") from None
     if created:
-        request.app.state.jobs_submitted.labels(kind, plan.route).inc()
+        request.app.state.services.metrics.jobs_submitted.labels(kind, plan.route).inc()
     return job_id, created
 
 
 # --------------------------------------------------------------------------- Responses API
 
 
-def _unavailable(e: StoreUnavailable) -> APIError:
+def jobs_unavailable(e: StoreUnavailable) -> APIError:
     return APIError(503, f"the job queue is unavailable: {e}", code="queue_unavailable",
                     headers={"retry-after": "2"})
 
@@ -147,12 +145,13 @@ async def create_response(request: Request) -> Response:
         chat_body = to_chat_body(body)
     except InputError as e:
         raise APIError(400, e.message, param=e.param, code="invalid_request") from None
-    snap: Snapshot = request.app.state.gateway.current
+    svc = request.app.state.services
+    snap: Snapshot = svc.policy.current
     plan = plan_request(snap, chat_body, request_id(request))
     if not plan.candidates:
         raise no_candidates(plan)
-    guard, ticket = getattr(request.app.state, "guard", None), None
-    if guard is not None and guard.active:  # keys: access, rate limits, reserve the maximum cost
+    guard, ticket = svc.guard, None
+    if guard.active:  # keys: access, rate limits, reserve the maximum cost
         ticket, plan = await guard.admit(request, chat_body, plan, snap, plan_headers(plan))
     try:
         job_id, created = await _submit(request, "response", chat_body,
@@ -255,7 +254,7 @@ async def cancel_response(request: Request, response_id: str) -> Response:
     service, rec = await _owned(request, response_id)
     if rec["status"] in TERMINAL and rec["status"] != "cancelled":
         raise APIError(409, f"Cannot cancel a response with status '{rec['status']}'", code="not_cancellable")
-    rec = await service.cancel(response_id, request.app.state.gateway.current)
+    rec = await service.cancel(response_id, request.app.state.services.policy.current)
     if rec is None:
         raise _not_found(response_id)
     return _json(response_object(response_id, rec), headers={"x-concilium-job-id": response_id})
@@ -275,111 +274,74 @@ def _finish_reason(status: str) -> str:
     return "length" if status == "incomplete" else "stop"
 
 
-class ChatDiversion:
-    """`app.state.jobs`: what chat completions call when the router chose background mode."""
+# What chat completions call when the router chose background mode.
 
-    def __init__(self, service: JobService) -> None:
-        self.service = service
 
-    @staticmethod
-    def takes(body: dict[str, Any]) -> bool:
-        """Whether this chat request can run as a job: jobs carry text answers only, so a request
-        with tools is answered at once (by the caller, who settles its ticket)."""
-        return not (body.get("tools") or body.get("functions"))
+def chat_takes(body: dict[str, Any]) -> bool:
+    """Whether this chat request can run as a job: jobs carry text answers only, so a request
+    with tools is answered at once (by the caller, who settles its ticket)."""
+    return not (body.get("tools") or body.get("functions"))
 
-    async def divert_chat(self, request: Request, body: dict[str, Any], plan: RoutePlan, snap: Snapshot) -> Response:
-        tmpl = template({**body, "background": True}, body["model"], time.time())
-        job_id, _ = await _submit(request, "chat", body, tmpl, plan, snap, body)
-        model = plan.candidates[0].model
-        headers = {**plan_headers(plan), "x-concilium-job-id": job_id}
-        if body.get("stream"):
-            want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(self._chunks(job_id, model, want_usage), media_type="text/event-stream",
-                                     headers={**headers, "cache-control": "no-cache"})
-        wait_s = jobs_config(snap.policy).chat_wait_s
-        rec = await _wait_or_disconnect(request, self.service, job_id, wait_s)
-        if rec is None:  # the client left before it learnt the job's id: nobody can collect the answer
-            await self.service.cancel(job_id, snap)
-            return Response(status_code=499)
-        if rec["status"] not in TERMINAL:
-            request.app.state.jobs_diverted.labels("redirected").inc()
-            location = f"/v1/responses/{job_id}"
-            return _json(response_object(job_id, rec), status=202,
-                         headers={**headers, "location": location, "retry-after": "2",
-                                  "x-concilium-job-status": rec["status"]})
-        request.app.state.jobs_diverted.labels("answered").inc()
-        result = rec["result"] or {}
-        if rec["status"] in ("failed", "cancelled"):
-            err = result.get("error") or {"code": "cancelled", "message": "the job was cancelled"}
-            raise APIError(502 if rec["status"] == "failed" else 409, f"background job {job_id} {rec['status']}: "
-                           f"{err.get('message')}", code=err.get("code"), headers=headers)
-        out = completion("chatcmpl-" + job_id.removeprefix("resp_"), result.get("model") or model,
-                         result.get("text") or "", _finish_reason(rec["status"]), _chat_usage(result.get("usage")),
-                         created=rec["spec"]["response"]["created_at"])
-        return _json(out, headers={**headers, "x-concilium-model": header_value(str(result.get("model") or model))})
 
-    async def _chunks(self, job_id: str, model: str, want_usage: bool) -> AsyncIterator[bytes]:
-        try:
-            async for piece in self._chunks_of(job_id, model, want_usage):
-                yield piece
-        except StoreUnavailable as e:
-            yield sse_error(f"the job queue is unavailable: {e}; the job goes on: GET /v1/responses/{job_id}",
-                            code="queue_unavailable")
+async def divert_chat(request: Request, body: dict[str, Any], plan: RoutePlan, snap: Snapshot) -> Response:
+    service = _service(request)
+    tmpl = template({**body, "background": True}, body["model"], time.time())
+    job_id, _ = await _submit(request, "chat", body, tmpl, plan, snap, body)
+    model = plan.candidates[0].model
+    headers = {**plan_headers(plan), "x-concilium-job-id": job_id}
+    if body.get("stream"):
+        want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(_chunks(service, job_id, model, want_usage), media_type="text/event-stream",
+                                 headers={**headers, "cache-control": "no-cache"})
+    wait_s = jobs_config(snap.policy).chat_wait_s
+    rec = await _wait_or_disconnect(request, service, job_id, wait_s)
+    if rec is None:  # the client left before it learnt the job's id: nobody can collect the answer
+        await service.cancel(job_id, snap)
+        return Response(status_code=499)
+    if rec["status"] not in TERMINAL:
+        request.app.state.services.metrics.jobs_diverted.labels("redirected").inc()
+        location = f"/v1/responses/{job_id}"
+        return _json(response_object(job_id, rec), status=202,
+                     headers={**headers, "location": location, "retry-after": "2",
+                              "x-concilium-job-status": rec["status"]})
+    request.app.state.services.metrics.jobs_diverted.labels("answered").inc()
+    result = rec["result"] or {}
+    if rec["status"] in ("failed", "cancelled"):
+        err = result.get("error") or {"code": "cancelled", "message": "the job was cancelled"}
+        raise APIError(502 if rec["status"] == "failed" else 409, f"background job {job_id} {rec['status']}: "
+                       f"{err.get('message')}", code=err.get("code"), headers=headers)
+    out = completion("chatcmpl-" + job_id.removeprefix("resp_"), result.get("model") or model,
+                     result.get("text") or "", _finish_reason(rec["status"]), _chat_usage(result.get("usage")),
+                     created=rec["spec"]["response"]["created_at"])
+    return _json(out, headers={**headers, "x-concilium-model": header_value(str(result.get("model") or model))})
 
-    async def _chunks_of(self, job_id: str, model: str, want_usage: bool) -> AsyncIterator[bytes]:
-        cid, created = "chatcmpl-" + job_id.removeprefix("resp_"), int(time.time())
-        yield sse_event(chunk(cid, model, created, {"role": "assistant", "content": ""}))
-        async for e in self.service.events(job_id):
-            if e is None:
-                yield _KEEPALIVE
-            elif e.type == "response.output_text.delta":
-                yield sse_event(chunk(cid, model, created, {"content": e.json()["delta"]}))
-            elif e.type in TERMINAL_EVENT_TYPES:
-                resp = e.json()["response"]
-                status = resp["status"]
-                if status in ("failed", "cancelled"):
-                    err = resp.get("error") or {"code": "cancelled", "message": "the job was cancelled"}
-                    yield sse_error(f"background job {job_id} {status}: {err.get('message')}", code=err.get("code"))
-                    return
-                yield sse_event(chunk(cid, model, created, {}, _finish_reason(status)))
-                usage = resp.get("usage")
-                if want_usage and usage:
-                    yield sse_event(chunk(cid, model, created, None, usage=_chat_usage(
-                        {"prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"]})))
-                yield _DONE
+async def _chunks(service: JobService, job_id: str, model: str, want_usage: bool) -> AsyncIterator[bytes]:
+    try:
+        async for piece in _chunks_of(service, job_id, model, want_usage):
+            yield piece
+    except StoreUnavailable as e:
+        yield sse_error(f"the job queue is unavailable: {e}; the job goes on: GET /v1/responses/{job_id}",
+                        code="queue_unavailable")
+
+async def _chunks_of(service: JobService, job_id: str, model: str, want_usage: bool) -> AsyncIterator[bytes]:
+    cid, created = "chatcmpl-" + job_id.removeprefix("resp_"), int(time.time())
+    yield sse_event(chunk(cid, model, created, {"role": "assistant", "content": ""}))
+    async for e in service.events(job_id):
+        if e is None:
+            yield _KEEPALIVE
+        elif e.type == "response.output_text.delta":
+            yield sse_event(chunk(cid, model, created, {"content": e.json()["delta"]}))
+        elif e.type in TERMINAL_EVENT_TYPES:
+            resp = e.json()["response"]
+            status = resp["status"]
+            if status in ("failed", "cancelled"):
+                err = resp.get("error") or {"code": "cancelled", "message": "the job was cancelled"}
+                yield sse_error(f"background job {job_id} {status}: {err.get('message')}", code=err.get("code"))
                 return
-
-
-# --------------------------------------------------------------------------- wiring
-
-
-def setup(app: FastAPI) -> None:
-    """Validate the policy's jobs section (a bad one stops the gateway at start, naming the key),
-    put the job service on `app.state`, and run it with the app's lifespan."""
-    state = app.state.gateway
-    cfg = parse_jobs(state.current.policy, state.policy_path)
-    service = JobService.for_gateway(app.state.settings.redis_url, cfg)
-    app.state.job_service = service
-    app.state.jobs = ChatDiversion(service)
-
-    async def store_down(_: Request, exc: StoreUnavailable) -> Response:
-        return error_response(_unavailable(exc))
-
-    app.add_exception_handler(StoreUnavailable, store_down)
-    registry = app.state.metrics.registry
-    app.state.jobs_submitted = Counter("concilium_jobs_submitted", "Background jobs submitted",
-                                       ["kind", "route"], registry=registry)
-    app.state.jobs_diverted = Counter("concilium_jobs_chat_diverted", "Non-streaming chat requests run as jobs",
-                                      ["outcome"], registry=registry)
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(a: FastAPI):
-        async with inner(a) as maybe_state:
-            await service.start(state)
-            try:
-                yield maybe_state
-            finally:
-                await service.close()
-
-    app.router.lifespan_context = lifespan
+            yield sse_event(chunk(cid, model, created, {}, _finish_reason(status)))
+            usage = resp.get("usage")
+            if want_usage and usage:
+                yield sse_event(chunk(cid, model, created, None, usage=_chat_usage(
+                    {"prompt_tokens": usage["input_tokens"], "completion_tokens": usage["output_tokens"]})))
+            yield _DONE
+            return

@@ -1,23 +1,16 @@
-"""GET /v1/usage: a key's own spend and limits; `setup(app)` attaches the guard (keys, budgets, rate
-limits, privacy) to the app."""
+"""GET /v1/usage: a key's own spend and limits."""
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-
 import orjson
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from concilium.gateway.auth import AuthMiddleware
 from concilium.gateway.errors import APIError
-from concilium.guard import logs
 from concilium.guard.keys import Scope
-from concilium.guard.privacy import rules
 from concilium.guard.service import STATE_KEY, Guard
 from concilium.guard.store import Window
-from concilium.policy.loader import PolicyError
 
 router = APIRouter()
 
@@ -41,7 +34,7 @@ async def _scope_usage(guard: Guard, s: Scope, w: Window) -> dict:
 
 @router.get("/v1/usage", summary="The calling key's spend, reservations and limits")
 async def usage(request: Request) -> Response:
-    guard: Guard = request.app.state.guard
+    guard: Guard = request.app.state.services.guard
     key = request.scope.get("state", {}).get(STATE_KEY)
     if key is None:
         raise APIError(404, "usage is tracked per API key, and this gateway's policy defines no keys",
@@ -54,24 +47,3 @@ async def usage(request: Request) -> Response:
     if getattr(guard.store, "degraded", False):
         body["degraded"] = "the shared limits store is unreachable; figures are this replica's view"
     return Response(orjson.dumps(body), media_type="application/json")
-
-
-def setup(app: FastAPI) -> None:
-    state = app.state.gateway
-    rules(state.current.policy, state.policy_path)  # installs log redaction as the policy says
-    logs.configure(rules(state.current.policy).config.redact_logs)
-    try:
-        guard = Guard(state, app.state.settings)
-    except PolicyError as e:  # a broken key file stops the gateway at start, with the file and key path
-        raise SystemExit(str(e)) from None
-    app.state.guard = guard
-    app.add_middleware(AuthMiddleware, guard=guard)
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(a: FastAPI):
-        async with inner(a) as value:
-            yield value
-        await guard.close()
-
-    app.router.lifespan_context = lifespan

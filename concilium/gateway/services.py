@@ -1,0 +1,68 @@
+"""The gateway's services, built once by `create_app` and handed to the routes.
+
+FastAPI routes take them as a dependency (`Depends(services)`); the hot chat route, which runs
+without FastAPI's dependency machinery (see `fastpath.py`), reads the same object from the app.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from concilium.gateway.metrics import Metrics
+from concilium.guard import logs
+from concilium.guard.privacy import rules
+from concilium.guard.service import Guard
+from concilium.pipeline.state import PolicyState
+from concilium.policy.jobs import parse_jobs
+from concilium.policy.loader import PolicyError
+from concilium.router.feedback import FeedbackStore, open_store
+from concilium.settings import Settings
+from concilium.workers.service import JobService
+
+log = logging.getLogger("concilium.gateway")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    metrics: Metrics
+    policy: PolicyState
+    guard: Guard  # inactive (and never consulted) when the policy defines no keys
+    jobs: JobService
+    feedback: FeedbackStore
+
+    @classmethod
+    def build(cls, settings: Settings, policy_path: str) -> Services:
+        """Everything the gateway serves with; a broken policy, key file or jobs section stops it
+        here, naming the file and the key."""
+        metrics = Metrics()
+        policy = PolicyState(policy_path, metrics)
+        snap = policy.current
+        logs.configure(rules(snap.policy, policy_path).config.redact_logs)  # before anything logs a prompt
+        try:
+            guard = Guard(policy, settings)
+        except PolicyError as e:
+            raise SystemExit(str(e)) from None
+        jobs = JobService.for_gateway(settings.redis_url, parse_jobs(snap.policy, policy_path))
+        feedback = open_store(settings.redis_url, settings.data_dir)
+        return cls(settings, metrics, policy, guard, jobs, feedback)
+
+    async def start(self) -> None:
+        self.policy.start_background(self.settings.policy_watch_s)
+        await self.policy.start()
+        await self.jobs.start(self.policy)
+
+    async def close(self) -> None:
+        for part in (self.jobs, self.guard, self.feedback, self.policy):
+            try:
+                await part.close()
+            except Exception as e:  # one part failing to close must not keep the others open
+                log.warning("closing %s failed: %s", type(part).__name__, e)
+
+
+def services(request: Request) -> Services:
+    """The app's `Services` (a FastAPI dependency)."""
+    return request.app.state.services
