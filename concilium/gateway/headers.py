@@ -15,11 +15,25 @@ def header_value(text: str) -> str:
                    "".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")) for ch in text)
 
 
+def reason(plan: RoutePlan, model: str | None = None) -> str:
+    """The plan's summary; when `model` answered after the candidates ahead of it failed (or were
+    skipped), it says so first: the header names the model that actually answered."""
+    cands = plan.candidates
+    if model is None or not cands or cands[0].model == model:
+        return plan.summary
+    before = []
+    for c in cands:
+        if c.model == model:
+            return f"answered by {model} after {', '.join(before)} failed; {plan.summary}"[:500]
+        before.append(c.model)
+    return plan.summary  # a model outside the plan (a cascade's draft has its own header)
+
+
 def plan_headers(plan: RoutePlan, model: str | None = None) -> dict[str, str]:
     """The x-concilium-* headers of a planned request; names are encoded with `header_value`."""
     return {
         "x-request-id": plan.request_id,
         "x-concilium-model": header_value(model or (plan.candidates[0].model if plan.candidates else "")),
         "x-concilium-route": header_value(plan.route),
-        "x-concilium-reason": header_value(plan.summary),
+        "x-concilium-reason": header_value(reason(plan, model)),
     }

@@ -71,8 +71,12 @@ def test_falls_back_down_the_plan(gw, upstream):
     upstream.default("primary", {"status": 502})
     raw = gw.client().chat.completions.with_raw_response.create(model="concilium/auto", messages=MSG)
     assert raw.headers["x-concilium-model"] == "backup"
+    assert raw.headers["x-concilium-reason"].startswith("answered by backup after primary failed; chose primary")
     assert raw.parse().choices[0].message.content == MSG[0]["content"]
     assert upstream.stats()["by_model"] == {"primary": 3, "backup": 1}
+    raw = gw.client().chat.completions.with_raw_response.create(model="concilium/auto", messages=MSG, stream=True)
+    assert raw.headers["x-concilium-reason"].startswith("answered by backup after primary failed; ")
+    list(raw.parse())
 
 
 def test_circuit_breaker_skips_failing_model(gw, upstream):
