@@ -8,6 +8,7 @@ app's services from `request.app.state.services` instead of `Depends`."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -47,7 +48,10 @@ def _provider_error(e: ProviderError | call.AllCandidatesFailed, plan: RoutePlan
         status = 429 if last is not None and last.status == 429 else 502
         if last is not None and last.status == 504:
             status = 504
-        return APIError(status, str(e), code="all_candidates_failed", headers=plan_headers(plan),
+        headers = plan_headers(plan)
+        if status == 429:  # when to try again: the soonest a model named, else a short default
+            headers["retry-after"] = str(max(1, math.ceil(e.retry_after or 1)))
+        return APIError(status, str(e), code="all_candidates_failed", headers=headers,
                         type="rate_limit_error" if status == 429 else "api_error")
     return APIError(e.status if 400 <= e.status < 600 else 502, e.message, code=e.code, param=e.param,
                     headers=plan_headers(plan))

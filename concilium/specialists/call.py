@@ -28,6 +28,7 @@ class Attempt:
     error: str
     status: int
     code: str | None = None
+    retry_after: float | None = None  # seconds, when the model said when to come back (a 429)
 
 
 @dataclass
@@ -65,6 +66,12 @@ class AllCandidatesFailed(Exception):
         detail = "; ".join(named(a.model, a.error) for a in attempts[-4:]) or "no candidate could be called"
         super().__init__(f"all candidates failed: {detail}")
 
+    @property
+    def retry_after(self) -> float | None:
+        """The soonest any rate-limited model said it will take requests again, in seconds."""
+        waits = [a.retry_after for a in self.attempts if a.status == 429 and a.retry_after is not None]
+        return min(waits) if waits else None
+
 
 def backoff_delay(retry: Retry, attempt: int, retry_after: float | None) -> float | None:
     """Seconds to wait before retry `attempt` (0-based), or None to skip retrying this candidate."""
@@ -97,7 +104,7 @@ async def _attempts(plan: RoutePlan, ctx: CallContext, run: Callable[[Provider, 
                 result = await run(provider, timeout)
             except ProviderError as e:
                 last = e
-                attempts.append(Attempt(cand.model, e.message, e.status, e.code))
+                attempts.append(Attempt(cand.model, e.message, e.status, e.code, e.retry_after))
                 if ctx.on_attempt_error:
                     ctx.on_attempt_error(cand.model, e)
                 if not e.fallback:  # the request itself is bad: no other model will do better

@@ -67,6 +67,19 @@ def test_429_retry_after_is_honoured(gw, upstream):
     assert raw.headers["x-concilium-model"] == "primary"
 
 
+def test_a_429_from_every_candidate_carries_retry_after(gw, upstream):
+    upstream.default("*", {"status": 429, "retry_after": 30})  # longer than retry_after_max_s: no waiting
+    for stream in (False, True):
+        with pytest.raises(openai.RateLimitError) as e:
+            gw.client().chat.completions.create(model="concilium/auto", messages=MSG, stream=stream)
+        assert e.value.body["code"] == "all_candidates_failed"
+        assert e.value.response.headers["retry-after"] == "30"
+    upstream.default("*", {"status": 429})  # the upstreams say nothing about when: a short default
+    with pytest.raises(openai.RateLimitError) as e:
+        gw.client().chat.completions.create(model="concilium/auto", messages=MSG)
+    assert e.value.response.headers["retry-after"] == "1"
+
+
 def test_falls_back_down_the_plan(gw, upstream):
     upstream.default("primary", {"status": 502})
     raw = gw.client().chat.completions.with_raw_response.create(model="concilium/auto", messages=MSG)
