@@ -139,8 +139,8 @@ class Ticket:
             cost = actual_cost(self.specs[model], usage, time.monotonic() - self.started, self.costs[model])
             spent = self.costs[model] if cost is None else cost
             tokens = int((usage or {}).get("total_tokens") or 0) or (self.counted_tokens + self.out_tokens)
-        elif outcome != "failed":
-            spent, tokens = reserve_top, self.counted_tokens + self.out_tokens
+        elif outcome != "failed":  # charged at the reservation: every draft too
+            spent, tokens = reserve_top + sum(self.prior_costs.values()), self.counted_tokens + self.out_tokens
         per_model: dict[str | None, tuple[int, int]] = {model: (spent, tokens)}
         for c in prior:  # each call is paid once, at what it used (its reservation when it reported nothing)
             if c.model not in self.specs:

@@ -15,12 +15,13 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from concilium.core.plan import RoutePlan
+from concilium.pipeline import cascade
 from concilium.pipeline.state import Snapshot
 from concilium.specialists import call
 from concilium.specialists.base import ProviderError
@@ -50,6 +51,7 @@ class _Progress:
     error: dict[str, str] | None = None
     fenced: bool = False
     model_noted: bool = False
+    prior: list[Any] = field(default_factory=list)  # a cascade's other calls (drafts): billed with the job
 
 
 def estimate_usage(spec: dict[str, Any], text: str) -> dict[str, Any]:
@@ -70,7 +72,7 @@ async def end_job(store: JobStore, job_id: str, record: dict[str, Any], status: 
                   model: str | None, usage: dict[str, Any] | None, cost: Callable[[str, dict], float | None] | None,
                   error: dict[str, str] | None = None, incomplete: dict[str, str] | None = None,
                   token: str | None = None, only_if: str | None = None,
-                  out: OutputEvents | None = None) -> bool:
+                  out: OutputEvents | None = None, prior: list[Any] | None = None) -> bool:
     """The one way a job ends: result, terminal events and bill in one atomic store step."""
     spec = record["spec"]
     result = {"text": text, "model": model, "usage": usage, "error": error, "incomplete_details": incomplete,
@@ -82,9 +84,15 @@ async def end_job(store: JobStore, job_id: str, record: dict[str, Any], status: 
         seen = {e.type for e in await store.all_events(job_id)}
         out = OutputEvents.resume(job_id, seen)
     bill = None
-    if model and usage:
+    calls = [{"model": c.model, "usage": c.usage, "cost_usd": cost(c.model, c.usage) if cost else None}
+             for c in prior or [] if c.usage]
+    if (model and usage) or calls:
+        own = cost(model, usage) if cost and model and usage else None
+        total = None if own is None and not calls else (own or 0.0) + sum(c["cost_usd"] or 0.0 for c in calls)
         bill = {"owner": record.get("owner") or spec.get("owner"), "model": model, "route": spec["plan"]["route"],
-                "status": status, "usage": usage, "cost_usd": cost(model, usage) if cost else None}
+                "status": status, "usage": usage, "cost_usd": total}
+        if calls:
+            bill["calls"] = calls  # every model call the job made besides the answer (a cascade's drafts)
     return await store.finish(job_id, token=token, status=status, result=result,
                               events=out.end(status, text, final), bill=bill, ttl_s=spec["ttl_s"],
                               only_if=only_if)
@@ -188,7 +196,7 @@ class JobRunner:
                    snap: Snapshot, error: dict | None = None, incomplete: dict | None = None) -> None:
         await end_job(self.store, job_id, record, status, text=prog.text, model=prog.model or record.get("model"),
                       usage=prog.usage if prog.stop_reason is None else None,
-                      cost=snap.cost_usd, error=error, incomplete=incomplete, token=token, out=out)
+                      cost=snap.cost_usd, error=error, incomplete=incomplete, token=token, out=out, prior=prog.prior)
 
     async def _watch(self, job_id: str, token: str, prog: _Progress, stop: asyncio.Event) -> None:
         """Wait for a cancel request, renewing the lease every third of it, until the run stops."""
@@ -208,20 +216,40 @@ class JobRunner:
         plan = RoutePlan.model_validate(spec["plan"])
         missing = [c.model for c in plan.candidates if c.model not in snap.policy.models]
         plan.candidates = [c for c in plan.candidates if c.model in snap.policy.models]
-        if not plan.candidates:
+        plan.cascade = [s for s in plan.cascade if s.model in snap.policy.models]
+        if not plan.candidates and not any(s.action != "skip" for s in plan.cascade):
             prog.error = {"code": "server_error", "message": "the worker's policy does not define "
                           f"{', '.join(missing)}: gateway and workers must load the same policy"}
             return
         stopped = asyncio.ensure_future(stop.wait())
         try:
-            opening = await _unless_stopped(call.stream(plan, spec["body"], snap.ctx), stopped)
-            if opening is None:
-                return
-            try:
-                handle = opening.result()
-            except (ProviderError, call.AllCandidatesFailed) as e:
-                prog.error = _provider_error(e)
-                return
+            body = spec["body"]
+            if plan.strategy == "cascade":  # the same cascade as in the gateway; its drafts are billed with the job
+                run = await _unless_stopped(cascade.run(plan, body, snap, lambda p: call.stream(p, body, snap.ctx)),
+                                            stopped)
+                if run is None:
+                    return
+                done: cascade.Run = run.result()
+                prog.prior = [c for c in done.calls if c.model != done.draft_model or not c.ok]
+                if done.error is not None:
+                    prog.error = _provider_error(done.error)
+                    return
+                if done.draft is not None:
+                    prog.model = done.draft_model
+                    for raw in cascade.completion_events(done.draft, want_usage=True)[:-1]:
+                        if not await self._feed(job_id, token, raw.rstrip(b"\n"), out, prog):
+                            return
+                    return
+                handle = done.final
+            else:
+                opening = await _unless_stopped(call.stream(plan, body, snap.ctx), stopped)
+                if opening is None:
+                    return
+                try:
+                    handle = opening.result()
+                except (ProviderError, call.AllCandidatesFailed) as e:
+                    prog.error = _provider_error(e)
+                    return
             prog.model = handle.model
             it = handle.rest
             try:

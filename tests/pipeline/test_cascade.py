@@ -176,3 +176,24 @@ def test_a_draft_that_is_a_model_the_policy_lacks():
     with pytest.raises(PolicyError) as e:
         parse_policy(missing, "p.yaml")
     assert any("strategy" in p for p, _ in e.value.problems)
+
+
+def test_a_background_job_runs_the_cascade_and_bills_every_call(fake_upstream, upstream, tmp_path):
+    from tests.workers.support import Stack
+    from tests.workers.test_redis_jobs import finished
+
+    stack = Stack.start(tmp_path, policy(fake_upstream.url), workers=1)
+    try:
+        c = stack.gateway.client()
+        for text, model in ((GOOD, "cheap"), (BAD, "strong")):
+            job = c.responses.create(model="concilium/auto", input=text, background=True)
+            final = finished(c, job.id)
+            assert final.status == "completed" and final.output_text == echo(text)
+            (bill,) = stack.bills(job.id)
+            assert bill["model"] == model
+            drafts = [call["model"] for call in bill.get("calls", [])]
+            assert drafts == ([] if model == "cheap" else ["cheap"])
+            expected = cost(CHEAP, text) + (cost(STRONG, text) if model == "strong" else 0.0)
+            assert bill["cost_usd"] == pytest.approx(expected)
+    finally:
+        stack.stop()
