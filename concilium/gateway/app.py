@@ -22,6 +22,7 @@ from concilium.gateway.chat import chat_completions
 from concilium.gateway.errors import APIError, error_response
 from concilium.gateway.fastpath import FastPath
 from concilium.gateway.limits import BodySizeLimit
+from concilium.gateway.request_ids import RequestIdMiddleware
 from concilium.gateway.requests import plan_request, read_json, request_id, validate
 from concilium.gateway.routes_jobs import jobs_unavailable
 from concilium.gateway.schemas import ChatCompletionRequest, RouteRequest
@@ -74,7 +75,8 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
     # Innermost first: the hot endpoint skips routing and dependency solving, not the other middleware.
     app.add_middleware(FastPath, path="/v1/chat/completions")
     app.add_middleware(BodySizeLimit, limit=lambda: state.current.policy.limits.max_body_bytes)
-    app.add_middleware(AuthMiddleware, guard=svc.guard)  # outermost: a request without a valid key goes no further
+    app.add_middleware(AuthMiddleware, guard=svc.guard)  # a request without a valid key goes no further
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response names its request id
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> Response:
@@ -92,9 +94,10 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
                                        param=param, code="invalid_request"))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error",
+                                       headers={"x-request-id": request_id(request)}))
 
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
                       openapi_extra=_body_schema(ChatCompletionRequest),

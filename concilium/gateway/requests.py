@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import orjson
@@ -12,6 +11,7 @@ from starlette.requests import Request
 from concilium.core.plan import RoutePlan
 from concilium.gateway.errors import APIError
 from concilium.gateway.headers import plan_headers
+from concilium.gateway.request_ids import new_request_id, valid_request_id
 from concilium.guard import privacy
 from concilium.pipeline.state import Snapshot
 from concilium.router.decide import DecisionError, decide
@@ -27,11 +27,11 @@ def request_header(request: Request, name: bytes) -> str | None:
 
 
 def request_id(request: Request) -> str:
+    """The request's id: the client's, else the one `RequestIdMiddleware` made (or a new one)."""
     rid = request_header(request, b"x-request-id")
-    if rid and len(rid) <= 128 and rid.isascii() and rid.replace("-", "").replace("_", "").isalnum():
+    if rid and valid_request_id(rid):
         return rid
-    # 128 random bits as 32 hex digits: a correlation id, not a secret, so no urandom syscall per request.
-    return f"{random.getrandbits(128):032x}"
+    return new_request_id()
 
 
 def is_json_media_type(ctype: str) -> bool:

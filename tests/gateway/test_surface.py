@@ -1,0 +1,70 @@
+"""The HTTP surface around the chat route: request ids on every response, the model endpoint, the
+OpenAPI document, readiness, the access log and the operational metrics."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from tests.gateway.policies import two_models
+
+MSG = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture
+def gw(upstream, gateway_factory):
+    return gateway_factory(two_models(upstream.url).replace("retry: {", "limits: {max_body_bytes: 20000}\nretry: {"))
+
+
+def call(gw, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, headers with lower-case names, raw body) of any request, errors included."""
+    req = urllib.request.Request(gw.base_url + path, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+JSON = {"content-type": "application/json"}
+CHAT = json.dumps({"model": "concilium/auto", "messages": MSG}).encode()
+REQUESTS = [  # (method, path, body, headers, expected status)
+    ("GET", "/healthz", None, {}, 200),
+    ("GET", "/readyz", None, {}, 200),
+    ("GET", "/metrics", None, {}, 200),
+    ("GET", "/v1/models", None, {}, 200),
+    ("POST", "/v1/route", CHAT, JSON, 200),
+    ("POST", "/v1/chat/completions", CHAT, JSON, 200),
+    ("POST", "/v1/chat/completions", b"{nope", JSON, 400),
+    ("POST", "/v1/chat/completions", b'{"model": "concilium/auto"}', JSON, 400),
+    ("POST", "/v1/chat/completions", CHAT, {"content-type": "text/plain"}, 415),
+    ("POST", "/v1/chat/completions", b"x" * 30000, JSON, 413),
+    ("POST", "/v1/chat/completions", json.dumps({"model": "gpt-17", "messages": MSG}).encode(), JSON, 404),
+    ("GET", "/v1/chat/completions", None, {}, 405),
+    ("GET", "/nope", None, {}, 404),
+    ("POST", "/v1/route", b"[]", JSON, 400),
+    ("GET", "/v1/responses/resp_missing", None, {}, 404),
+]
+
+
+def test_every_response_carries_the_request_id(gw):
+    for method, path, body, headers, status in REQUESTS:
+        got, h, raw = call(gw, method, path, body, {**headers, "x-request-id": "trace-42_a"})
+        assert got == status, (method, path, raw)
+        assert h.get("x-request-id") == "trace-42_a", (method, path, h)
+        got, h, raw = call(gw, method, path, body, headers)  # none sent: the gateway makes one
+        assert got == status and len(h.get("x-request-id", "")) == 32, (method, path, h)
+        got, h, raw = call(gw, method, path, body, {**headers, "x-request-id": "bad id\t!"})
+        assert got == status and len(h.get("x-request-id", "")) == 32, (method, path, h)
+    _, h, raw = call(gw, "POST", "/v1/route", CHAT, JSON)  # the plan's id is the one in the header
+    assert json.loads(raw)["request_id"] == h["x-request-id"]
+    for path in ("/v1/chat/completions", "/v1/route", "/nope"):
+        req = urllib.request.Request(gw.base_url + path, data=CHAT, headers={**JSON, "x-request-id": "abc"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                sent = r.headers.get_all("x-request-id")
+        except urllib.error.HTTPError as e:
+            sent = e.headers.get_all("x-request-id")
+        assert sent == ["abc"], path  # once, never twice
