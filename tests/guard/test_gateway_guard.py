@@ -78,6 +78,7 @@ def test_authentication(gw, upstream):
         status, headers, body = get(gw, "/v1/models", key)
         assert status == 401 and words in body["error"]["message"]
         assert body["error"]["type"] == "authentication_error" and headers.get("www-authenticate") == "Bearer"
+        assert len(headers.get("x-request-id", "")) == 32  # refused before any route, still traceable
     with pytest.raises(openai.AuthenticationError):
         ask(gw, "ck-wrong")
     assert upstream.stats()["requests"] == 0  # refused before any model was called
