@@ -115,16 +115,30 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
             plan = plan.model_copy(update={"candidates": allowed})
         return Response(plan.model_dump_json(), media_type="application/json")
 
+    def model_card(name: str, now: int) -> dict[str, Any] | None:
+        snap = state.current
+        if name in snap.policy.router.virtual_models:
+            return {"id": name, "object": "model", "created": now, "owned_by": "concilium"}
+        spec = snap.policy.models.get(name)
+        if spec is None:
+            return None
+        return {"id": name, "object": "model", "created": now, "owned_by": spec.provider,
+                "available": snap.availability(name) is None}
+
     @app.get("/v1/models", summary="The policy's models and the router's virtual models")
     async def models() -> JSONResponse:
-        snap = state.current
-        now = int(time.time())
-        data = [{"id": vm, "object": "model", "created": now, "owned_by": "concilium"}
-                for vm in snap.policy.router.virtual_models]
-        for name, spec in snap.policy.models.items():
-            data.append({"id": name, "object": "model", "created": now, "owned_by": spec.provider,
-                         "available": snap.availability(name) is None})
-        return JSONResponse({"object": "list", "data": data})
+        snap, now = state.current, int(time.time())
+        names = [*snap.policy.router.virtual_models, *(n for n in snap.policy.models
+                                                         if n not in snap.policy.router.virtual_models)]
+        return JSONResponse({"object": "list", "data": [model_card(n, now) for n in names]})
+
+    @app.get("/v1/models/{model_id:path}", summary="One model or virtual model (OpenAI's model object)")
+    async def model(model_id: str) -> JSONResponse:
+        card = model_card(model_id, int(time.time()))
+        if card is None:
+            raise APIError(404, f"The model {model_id!r} does not exist; GET /v1/models lists the models",
+                           code="model_not_found", param="model")
+        return JSONResponse(card)
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> JSONResponse:

@@ -68,3 +68,18 @@ def test_every_response_carries_the_request_id(gw):
         except urllib.error.HTTPError as e:
             sent = e.headers.get_all("x-request-id")
         assert sent == ["abc"], path  # once, never twice
+
+
+def test_retrieve_a_model(gw):
+    import openai
+
+    client = gw.client()
+    m = client.models.retrieve("backup")
+    assert (m.id, m.object, m.owned_by) == ("backup", "model", "openai") and isinstance(m.created, int)
+    assert client.models.retrieve("concilium/auto").owned_by == "concilium"  # virtual models too
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-17")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    assert "gpt-17" in e.value.message
+    listed = {m.id: m.model_dump() for m in client.models.list().data}
+    assert client.models.retrieve("keyed").model_dump() == listed["keyed"]  # one shape in both
