@@ -62,10 +62,10 @@ def offline_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
     return env
 
 
-def git_commit() -> str:
+def git_commit(root: Path = ROOT) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -262,8 +262,9 @@ def start_fake_upstream(cores: set[int] | None = None, chunks: int = 13) -> Serv
 
 
 def start_concilium(policy_text: str, cores: set[int] | None = None, env: dict[str, str] | None = None,
-                    timeout: float = 120.0) -> Service:
-    """`concilium serve` on a policy written to the log folder, ready when /readyz says so."""
+                    timeout: float = 120.0, src: Path | None = None) -> Service:
+    """`concilium serve` on a policy written to the log folder, ready when /readyz says so. `src`: run
+    the package from another source tree (an older commit's checkout), in this same environment."""
     port = free_port()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     policy = LOG_DIR / f"concilium-policy-{port}.yaml"
@@ -271,6 +272,8 @@ def start_concilium(policy_text: str, cores: set[int] | None = None, env: dict[s
     argv = [sys.executable, "-m", "concilium.cli", "serve", "--policy", str(policy), "--host", "127.0.0.1",
             "--port", str(port), "--log-level", "warning"]
     full_env = offline_env({"CONCILIUM_DATA_DIR": str(LOG_DIR / f"concilium-var-{port}"), **(env or {})})
+    if src is not None:
+        full_env["PYTHONPATH"] = str(src)
     svc = start_service("concilium", argv, port=port, cores=cores, env=full_env, ready_path="/readyz",
                         timeout=timeout)
     svc.meta["policy"] = str(policy)

@@ -6,6 +6,11 @@ Three servers on loopback, all pointed at the same fake OpenAI-compatible upstre
   direct          the upstream itself (the baseline every "added" number is measured against)
   concilium       `concilium serve`, the client names the policy's model
   concilium-auto  the same gateway, the client asks for `concilium/auto` (the routing decision runs)
+  concilium-keys  a gateway whose policy defines an API key with a budget and rate limits: every
+                  request is authenticated, reserved and settled (`concilium/auto`); the like-for-like
+                  row against LiteLLM's proxy, which checks its master key
+  baseline-keys   with --baseline DIR: the same as concilium-keys, run from another checkout (an older
+                  commit), so a change's cost on the hot path is a same-run ratio
   litellm         LiteLLM's proxy (`litellm --config`, installed into benchmarks/.litellm-venv)
 
 The server under test runs pinned to one core; the load generator (this process) and the upstream
@@ -77,6 +82,20 @@ routes:
   - name: default
     targets: [{model}]
 """
+KEY = "sk-cc-overhead-benchmark-key"
+KEYS = """
+keys:
+  - name: bench
+    hash: {hash}
+    budget: {{usd_per_day: 100000}}
+    rate: {{requests_per_min: 10000000, tokens_per_min: 1000000000}}
+"""
+
+
+def keyed_policy(v1: str) -> str:
+    from concilium.guard.keys import hash_key
+
+    return POLICY.format(model=MODEL, upstream=v1, upstream_model=UPSTREAM_MODEL) + KEYS.format(hash=hash_key(KEY))
 
 
 def body(model: str, stream: bool) -> dict[str, Any]:
@@ -168,6 +187,21 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def before_after(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """concilium-keys / baseline-keys (this checkout against --baseline's), per scenario: < 1 is faster."""
+    by = {(r["target"], r["mode"], r["concurrency"]): r for r in rows}
+    out = []
+    for (target, mode, conc), r in by.items():
+        old = by.get(("baseline-keys", mode, conc))
+        if target != "concilium-keys" or old is None:
+            continue
+        out.append({"mode": mode, "concurrency": conc,
+                    "cpu_ratio_new_over_old": round(r["cpu_ms_per_request"] / old["cpu_ms_per_request"], 3)
+                    if old["cpu_ms_per_request"] else None,
+                    "p50_ratio_new_over_old": round(r["p50_ms"] / old["p50_ms"], 3) if old["p50_ms"] else None})
+    return out
+
+
 def _f(x: Any, nd: int = 2) -> str:
     return "-" if x is None else f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
@@ -220,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--quick", action="store_true", help="a smoke run: 60 / 300 requests")
     ap.add_argument("--no-litellm", action="store_true", help="skip LiteLLM's proxy (no ratios)")
+    ap.add_argument("--baseline", default=None, help="a checkout of another commit: adds its keyed gateway "
+                                                          "(baseline-keys) for a same-run before/after ratio")
     ap.add_argument("--out", default=str(RESULTS_DIR / "gateway_overhead.json"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -248,6 +284,17 @@ def main(argv: list[str] | None = None) -> int:
             ("concilium", gw, gw.base_url + "/v1/chat/completions", MODEL, None),
             ("concilium-auto", gw, gw.base_url + "/v1/chat/completions", "concilium/auto", None),
         ]
+        keyed = start_concilium(keyed_policy(v1), server_cores)
+        services.append(keyed)
+        auth_keyed = {"authorization": f"Bearer {KEY}"}
+        targets.append(("concilium-keys", keyed, keyed.base_url + "/v1/chat/completions", "concilium/auto", auth_keyed))
+        baseline_commit = None
+        if args.baseline:
+            base = start_concilium(keyed_policy(v1), server_cores, src=Path(args.baseline).resolve())
+            services.append(base)
+            targets.append(("baseline-keys", base, base.base_url + "/v1/chat/completions", "concilium/auto",
+                            auth_keyed))
+            baseline_commit = git_commit(Path(args.baseline))
         plan, _ = post_json(gw.base_url + "/v1/route", body("concilium/auto", False))
         _, gw_headers = post_json(gw.base_url + "/v1/chat/completions", body("concilium/auto", False))
         lite_version = None
@@ -274,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     add_overhead(rows)
     rats = ratios(rows)
     print_tables(rows, rats)
+    ba = before_after(rows)
+    if ba:
+        print(f"\nThis checkout / baseline {baseline_commit} (keys on, concilium/auto; < 1 is faster)")
+        for q in ba:
+            print(f"  {q['mode']:<9} c={q['concurrency']:<4} CPU {_f(q['cpu_ratio_new_over_old'], 3)}  "
+                  f"p50 {_f(q['p50_ratio_new_over_old'], 3)}")
     print("\nIdle CPU (ms per second at rest): " + ", ".join(f"{k} {v:g}" for k, v in idle.items()))
     v = verdict(rows, rats)
     print(f"\nConcilium CPU per streamed request via concilium/auto (worst concurrency): "
@@ -291,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": round(time.time() - started, 1),
         "load_avg_at_end": list(os.getloadavg()),  # other work on the machine inflates c=1 CPU and p99
         "git_commit": git_commit(),
+        "baseline_commit": baseline_commit,
+        "before_after": ba,
         "machine": machine_info(),
         "versions": {**versions(["fastapi", "starlette", "uvicorn", "uvloop", "httptools", "aiohttp",
                                  "pydantic", "orjson"]), "litellm_proxy": lite_version},
