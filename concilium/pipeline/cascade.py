@@ -29,7 +29,7 @@ from concilium.core.plan import CascadeStep, RoutePlan
 from concilium.policy.loader import PolicyError, format_loc
 from concilium.policy.pricing import usage_cost_usd
 from concilium.policy.schema import Policy
-from concilium.router.cascade import Scorer, ScorerSpecError, build_scorer
+from concilium.router.cascade import Scorer, ScorerSpecError, build_scorer, completion_text
 from concilium.router.objective import input_tokens
 from concilium.router.text import prompt_chars
 from concilium.specialists import call
@@ -157,6 +157,7 @@ async def run(plan: RoutePlan, body: dict[str, Any], snap: Any,
     dbody = draft_body(body, snap, plan)
     last: tuple[str, dict, CascadeStep] | None = None
     final_task: asyncio.Task | None = None
+    earlier: list[str] = []  # the answers of the drafts before this one (what `agreement` compares)
     for step in out.steps:
         if step.action != "score":
             continue
@@ -195,8 +196,9 @@ async def run(plan: RoutePlan, body: dict[str, Any], snap: Any,
         step.cost_usd = usage_cost_usd(spec, usage) if spec is not None else None
         out.calls.append(Call(model, usage, step.latency_s))
         s0 = time.perf_counter()
-        step.score = round(scorer.score_completion(body, result, router_quality=step.router_quality)
+        step.score = round(scorer.score_completion(body, result, samples=earlier, router_quality=step.router_quality)
                            if scorer is not None else 1.0, 4)
+        earlier.append(completion_text(result))
         out.scoring_s += time.perf_counter() - s0
         step.accepted = step.score >= (step.threshold if step.threshold is not None else 0.5)
         if step.accepted:

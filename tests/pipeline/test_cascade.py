@@ -197,3 +197,14 @@ def test_a_background_job_runs_the_cascade_and_bills_every_call(fake_upstream, u
             assert bill["cost_usd"] == pytest.approx(expected)
     finally:
         stack.stop()
+
+
+def test_agreement_compares_a_draft_with_the_drafts_before_it(fake_upstream, upstream, gateway_factory):
+    text = policy(fake_upstream.url, scorer="agreement").replace(
+        "drafts: [cheap]", "drafts: [cheap, twin]").replace("threshold: 0.5", "threshold: 0.75").replace(
+        "\nrouter:", f"\n  twin: {{provider: openai, base_url: \"{fake_upstream.url}\", model: twin-up}}\nrouter:")
+    g = gateway_factory(text)
+    agree = g.client().chat.completions.with_raw_response.create(
+        model="concilium/auto", messages=[{"role": "user", "content": GOOD}])
+    assert agree.headers["x-concilium-model"] == "twin"  # the first draft alone: 0.5; the twin agrees: 1.0
+    assert "cheap score 0.50 < 0.75 escalated; twin score 1.00 >= 0.75 accepted" in agree.headers["x-concilium-cascade"]
