@@ -22,6 +22,7 @@ from concilium.gateway.chat import chat_completions
 from concilium.gateway.errors import APIError, error_response
 from concilium.gateway.fastpath import FastPath
 from concilium.gateway.limits import BodySizeLimit
+from concilium.gateway.openapi import body_schema, document
 from concilium.gateway.request_ids import RequestIdMiddleware
 from concilium.gateway.requests import plan_request, read_json, request_id, validate
 from concilium.gateway.routes_jobs import jobs_unavailable
@@ -31,27 +32,6 @@ from concilium.settings import Settings
 from concilium.workers.store import StoreUnavailable
 
 log = logging.getLogger("concilium.gateway")
-
-def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
-    """A self-contained schema: each `#/$defs/X` reference replaced by its definition (no cycles here)."""
-    defs = schema.pop("$defs", {})
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return walk(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {k: walk(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-
-    return walk(schema)
-
-
-def _body_schema(model: type) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": _inline_refs(model.model_json_schema())}}}}
-
 
 def create_app(settings: Settings | None = None, policy_path: str | None = None) -> FastAPI:
     """The composition root: every service is built here, started and closed by the lifespan, and
@@ -84,7 +64,8 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(APIError(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}"))
+        return error_response(APIError(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}",
+                                       headers=dict(exc.headers or {})))  # e.g. the 405's Allow
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
@@ -100,10 +81,10 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
                                        headers={"x-request-id": request_id(request)}))
 
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
-                      openapi_extra=_body_schema(ChatCompletionRequest),
+                      openapi_extra=body_schema(ChatCompletionRequest),
                       summary="Create a chat completion (OpenAI-compatible)")
 
-    @app.post("/v1/route", openapi_extra=_body_schema(RouteRequest),
+    @app.post("/v1/route", openapi_extra=body_schema(RouteRequest),
               summary="Dry run: the routing plan for a request, without calling a model")
     async def route(request: Request) -> Response:
         body = await read_json(request)
@@ -164,4 +145,5 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
 
     for module in (routes_feedback, routes_jobs, routes_usage):
         app.include_router(module.router)
+    app.openapi = lambda: document(app)  # request bodies, error statuses and media types the routes do not declare
     return app

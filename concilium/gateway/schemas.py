@@ -64,3 +64,54 @@ class ChatCompletionRequest(BaseModel):
 
 class RouteRequest(ChatCompletionRequest):
     """`POST /v1/route` takes the same body as chat completions and calls no model."""
+
+
+class ResponseInputMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[ContentPart]
+
+
+class ResponseCreateRequest(BaseModel):
+    """`POST /v1/responses` (OpenAI's Responses API, the subset served here). Documents the body in
+    the OpenAPI schema; the route checks it itself (`workers.responses.to_chat_body`)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[ResponseInputMessage] = Field(description="a prompt, or a non-empty list of messages")
+    instructions: StrictStr | None = None
+    background: StrictBool | None = Field(None, description="run as a job: answer 202-style at once, poll later")
+    stream: StrictBool | None = None
+    store: StrictBool | None = None
+    max_output_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, ge=0, le=1)
+    reasoning: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    user: StrictStr | None = None
+
+
+class FeedbackRequest(BaseModel):
+    """`POST /v1/feedback`: a score for an answer, by the request id the gateway answered with."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=200, description="the answer's x-request-id")
+    score: Number = Field(ge=0, le=1)
+    comment: str | None = Field(None, max_length=4000)
+    model: str | None = Field(None, min_length=1, max_length=200)
+    prompt: str | None = Field(None, max_length=100_000)
+    messages: list[Message] | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None
+    param: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorDetail

@@ -83,3 +83,35 @@ def test_retrieve_a_model(gw):
     assert "gpt-17" in e.value.message
     listed = {m.id: m.model_dump() for m in client.models.list().data}
     assert client.models.retrieve("keyed").model_dump() == listed["keyed"]  # one shape in both
+
+
+def test_the_openapi_document_describes_what_the_gateway_does(gw):
+    status, _, raw = call(gw, "GET", "/openapi.json")
+    assert status == 200
+    doc = json.loads(raw)
+    paths = doc["paths"]
+    for path, method in (("/v1/responses", "post"), ("/v1/feedback", "post")):
+        schema = paths[path][method]["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["type"] == "object" and "$ref" not in json.dumps(schema), path
+    assert {"model", "input", "background", "stream"} <= set(paths["/v1/responses"]["post"]["requestBody"]
+                                                              ["content"]["application/json"]["schema"]["properties"])
+    feedback = paths["/v1/feedback"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(feedback["required"]) == {"request_id", "score"}
+    metrics = paths["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "application/json" not in metrics and any(c.startswith("text/plain") for c in metrics)
+    chat = paths["/v1/chat/completions"]["post"]["responses"]
+    assert {"200", "202", "400", "401", "404", "413", "415", "429", "502", "503", "504"} <= set(chat)
+    assert "text/event-stream" in chat["200"]["content"]
+    error = chat["429"]["content"]["application/json"]["schema"]
+    assert set(error["properties"]["error"]["properties"]) == {"message", "type", "code", "param"}
+    for path, item in paths.items():  # every operation documents its errors
+        for method, op in item.items():
+            assert {"4XX", "5XX"} <= set(op["responses"]), (method, path)
+
+
+def test_405_names_the_allowed_methods(gw):
+    status, h, raw = call(gw, "GET", "/v1/chat/completions")
+    assert status == 405 and h["allow"] == "POST"
+    assert json.loads(raw)["error"]["type"] == "invalid_request_error"
+    status, h, _ = call(gw, "DELETE", "/v1/models")
+    assert status == 405 and h["allow"] == "GET"
