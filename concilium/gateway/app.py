@@ -128,11 +128,14 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
     @app.get("/readyz", summary="Readiness: the policy is loaded and its local models are ready")
     async def readyz() -> Response:
         snap = state.current
-        waiting = [n for n, p in snap.registry.providers.items()
-                   if p.kind == "local" and not p.unavailable_reason() and not getattr(p, "ready", True)]
-        body = {"ready": not waiting, "policy_version": snap.version, "loading": waiting,
-                "unavailable": {n: r for n in snap.policy.models if (r := snap.availability(n))}}
-        return Response(orjson.dumps(body), status_code=200 if not waiting else 503,
+        local = [(n, p) for n, p in snap.registry.providers.items() if p.kind == "local"]
+        failed = {n: why for n, p in local if (why := p.unavailable_reason())}  # a load that failed
+        waiting = [n for n, p in local if n not in failed and not getattr(p, "ready", True)]
+        body = {"ready": not waiting and not failed, "policy_version": snap.version, "loading": waiting,
+                "failed": failed, "unavailable": {n: r for n in snap.policy.models if (r := snap.availability(n))}}
+        if state.load_error is not None:  # the file on disk was refused; the version above still serves
+            body["policy_error"] = state.load_error
+        return Response(orjson.dumps(body), status_code=200 if body["ready"] else 503,
                         media_type="application/json")
 
     @app.get("/metrics", summary="Prometheus metrics")

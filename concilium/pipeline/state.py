@@ -78,6 +78,8 @@ class PolicyState:
         self.current: Snapshot = self._build(self._load(), None)
         self._tasks: list[asyncio.Task] = []
         self._starting: tuple[Snapshot, asyncio.Future] | None = None
+        # Why the file on disk is not the policy in force (the last reload was refused), else None.
+        self.load_error: str | None = None
 
     def _stat(self) -> float:
         try:
@@ -154,9 +156,10 @@ class PolicyState:
             await snap.registry.start_all()  # published only once its providers (a local model) are up
         except PolicyError as e:
             log.error("policy reload (%s) refused, keeping version %d:\n%s", why, self.current.version, e)
+            self.load_error = str(e)
             self._count("refused")
             return False
-        old, self.current = self.current, snap
+        old, self.current, self.load_error = self.current, snap, None
         log.info("policy reloaded (%s): version %d", why, snap.version)
         self._count("ok")
         retired = old.registry.retired(snap.registry)

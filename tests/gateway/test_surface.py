@@ -115,3 +115,26 @@ def test_405_names_the_allowed_methods(gw):
     assert json.loads(raw)["error"]["type"] == "invalid_request_error"
     status, h, _ = call(gw, "DELETE", "/v1/models")
     assert status == 405 and h["allow"] == "GET"
+
+
+def test_readiness_reports_a_broken_policy_on_disk_and_a_failed_model_load(gw, tmp_path):
+    from tests.support import wait_until
+
+    good = gw.policy_path.read_text()
+    gw.policy_path.write_text(good.replace("routes:", "routes: [oops"))
+    wait_until(lambda: json.loads(call(gw, "GET", "/readyz")[2]).get("policy_error"), 15, "reload refused")
+    status, _, raw = call(gw, "GET", "/readyz")
+    body = json.loads(raw)
+    assert status == 200 and body["ready"]  # the running policy still serves: not a reason to drop traffic
+    assert str(gw.policy_path) in body["policy_error"] and body["policy_version"] == 1
+    gw.policy_path.write_text(good)  # fixed: the report goes away
+    wait_until(lambda: "policy_error" not in json.loads(call(gw, "GET", "/readyz")[2]), 15, "reload")
+
+    weights = tmp_path / "broken.gguf"
+    weights.write_bytes(b"this is not a GGUF file")
+    gw.policy_path.write_text(good.replace("models:\n", f"models:\n  broken:\n    provider: local\n"
+                                                       f"    model: \"{weights}\"\n", 1))
+    wait_until(lambda: call(gw, "GET", "/readyz")[0] == 503, 60, "a failed model load")
+    body = json.loads(call(gw, "GET", "/readyz")[2])
+    assert body["ready"] is False and list(body["failed"]) == ["broken"] and body["failed"]["broken"]
+    assert "broken" not in body["loading"]
