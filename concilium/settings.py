@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,8 +16,3 @@ class Settings(BaseSettings):
     policy_watch_s: float = 1.0  # poll interval for policy file changes; 0 disables
     log_level: str = "info"
     log_prompts: bool = False  # prompt text never reaches logs unless turned on
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()

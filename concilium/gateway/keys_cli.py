@@ -91,8 +91,8 @@ def create(args: argparse.Namespace) -> int:
     import yaml
 
     from concilium.guard.keys import hash_key, new_key
-    from concilium.guard.schema import load_key_file, parse_keys
-    from concilium.policy.loader import PolicyError
+    from concilium.policy.keys import parse_keys
+    from concilium.policy.loader import PolicyError, load_key_file
 
     key = new_key()
     entry = _entry(args, hash_key(key))
@@ -131,8 +131,7 @@ def create(args: argparse.Namespace) -> int:
 
 
 def list_keys(args: argparse.Namespace) -> int:
-    from concilium.guard.schema import load_key_file
-    from concilium.policy.loader import PolicyError
+    from concilium.policy.loader import PolicyError, load_key_file
 
     path = _key_file(args.file)
     if not path.exists():
@@ -160,8 +159,8 @@ def _change(args: argparse.Namespace, edit) -> int:
     """Apply `edit(entries, index)` to the key named `args.name` in the key file, check, write."""
     import yaml
 
-    from concilium.guard.schema import load_key_file, parse_keys
-    from concilium.policy.loader import PolicyError
+    from concilium.policy.keys import parse_keys
+    from concilium.policy.loader import PolicyError, load_key_file
 
     path = _key_file(args.file)
     if not path.exists():

@@ -28,7 +28,6 @@ from concilium.gateway.errors import APIError, sse_error
 from concilium.gateway.headers import header_value, plan_headers
 from concilium.gateway.requests import no_candidates, plan_request, read_json, request_id
 from concilium.pipeline.state import Snapshot
-from concilium.policy.jobs import jobs_config
 from concilium.specialists.base import chunk, completion, sse_event
 from concilium.workers.responses import (
     TERMINAL_EVENT_TYPES,
@@ -293,7 +292,7 @@ async def divert_chat(request: Request, body: dict[str, Any], plan: RoutePlan, s
         want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return StreamingResponse(_chunks(service, job_id, model, want_usage), media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})
-    wait_s = jobs_config(snap.policy).chat_wait_s
+    wait_s = snap.policy.jobs.chat_wait_s
     rec = await _wait_or_disconnect(request, service, job_id, wait_s)
     if rec is None:  # the client left before it learnt the job's id: nobody can collect the answer
         await service.cancel(job_id, snap)

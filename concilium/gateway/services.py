@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from concilium.gateway.metrics import Metrics
-from concilium.guard import logs
-from concilium.guard.privacy import rules
+from concilium.guard import logs, privacy
 from concilium.guard.service import Guard
 from concilium.pipeline.state import PolicyState
-from concilium.policy.jobs import parse_jobs
 from concilium.policy.loader import PolicyError
 from concilium.router.feedback import FeedbackStore, open_store
 from concilium.settings import Settings
@@ -41,12 +39,13 @@ class Services:
         metrics = Metrics()
         policy = PolicyState(policy_path, metrics)
         snap = policy.current
-        logs.configure(rules(snap.policy, policy_path).config.redact_logs)  # before anything logs a prompt
+        logs.configure(snap.policy.privacy.redact_logs)  # before anything logs a prompt
+        privacy.configure(settings.log_prompts)
         try:
             guard = Guard(policy, settings)
         except PolicyError as e:
             raise SystemExit(str(e)) from None
-        jobs = JobService.for_gateway(settings.redis_url, parse_jobs(snap.policy, policy_path))
+        jobs = JobService.for_gateway(settings.redis_url, snap.policy.jobs)
         feedback = open_store(settings.redis_url, settings.data_dir)
         return cls(settings, metrics, policy, guard, jobs, feedback)
 

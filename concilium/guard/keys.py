@@ -14,7 +14,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from concilium.guard.schema import KeyEntry, KeysSection, Limits, load_key_file, parse_keys
+from concilium.policy.keys import KeyEntry, KeysSection, Limits, parse_keys
+from concilium.policy.loader import load_key_file
 
 KEY_PREFIX = "ck-"
 

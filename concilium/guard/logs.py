@@ -30,6 +30,11 @@ def _factory(*args, **kwargs) -> logging.LogRecord:
     return record
 
 
+def redacting() -> bool:
+    """Is redaction in effect (installed and on)?"""
+    return _state["on"] and _state["installed"]
+
+
 def configure(on: bool = True) -> None:
     """Install the factory once; later calls switch redaction on or off."""
     _state["on"] = on

@@ -24,9 +24,9 @@ from concilium.core.errors import APIError
 from concilium.core.plan import RoutePlan, Skipped
 from concilium.guard.cost import actual_cost, max_cost, prompt_tokens_bound
 from concilium.guard.keys import Key, KeyTable, Scope, default_key_file, merge, read_key_file
-from concilium.guard.schema import KeysSection, parse_keys
 from concilium.guard.store import NANO, Charge, Denied, ScopeUsage, Store, StoreUnavailable, Window
 from concilium.guard.store_memory import MemoryStore
+from concilium.policy.keys import KeysSection
 from concilium.policy.loader import PolicyError
 
 log = logging.getLogger("concilium.guard")
@@ -205,8 +205,7 @@ class Guard:
             self._read_file()
         if snap is not self._snap:
             try:
-                section = parse_keys(snap.policy.keys, self.state.policy_path)
-                self._table = KeyTable(merge(section, self._file_keys, str(self.key_file)))
+                self._table = KeyTable(merge(snap.policy.keys, self._file_keys, str(self.key_file)))
             except PolicyError as e:
                 log.error("keys refused, keeping the previous keys:\n%s", e)
             self._snap = snap

@@ -18,24 +18,22 @@ jobs:
   max_attempts: 3              # deliveries of one job (worker lost) before it is failed
 ```
 
-`parse_jobs()` validates the section and reports problems as a PolicyError naming the file and the
-key path (`jobs.queues[1]`, `routes[2].queue`). `jobs_config()` is the cached, never-failing
-accessor the hot path uses; `background_reason()` is the routing rule `router.decide()` calls.
+The section is a typed part of `Policy` (`policy.jobs`), validated with the rest of the file; its
+problems carry their key path (`jobs.queues[1]`, `routes[2].queue`). `background_reason()` is the
+routing rule `router.decide()` calls.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from concilium.core.plan import Prediction
-from concilium.policy.loader import PolicyError, format_loc
-from concilium.policy.schema import Policy, Route
+from concilium.policy.errors import Loc, PathError
 
-log = logging.getLogger("concilium.policy")
+if TYPE_CHECKING:
+    from concilium.policy.schema import Policy, Route
 
 
 class _Strict(BaseModel):
@@ -65,16 +63,16 @@ class JobsConfig(_Strict):
     def _check(self) -> JobsConfig:
         for i, q in enumerate(self.queues):
             if not q or not q.replace("-", "").replace("_", "").replace(".", "").isalnum():
-                raise _At(("queues", i), f"queue name {q!r} must be letters, digits, '-', '_' or '.'")
+                raise _at(("queues", i), f"queue name {q!r} must be letters, digits, '-', '_' or '.'")
             if q in self.queues[:i]:
-                raise _At(("queues", i), f"queue {q!r} is listed twice")
+                raise _at(("queues", i), f"queue {q!r} is listed twice")
         if self.default_queue not in self.queues:
-            raise _At(("default_queue",), f"{self.default_queue!r} is not one of queues {self.queues}")
+            raise _at(("default_queue",), f"{self.default_queue!r} is not one of queues {self.queues}")
         for name, cap in self.per_key.items():
             if cap < 1:
-                raise _At(("per_key", name), f"cap must be at least 1, got {cap}")
+                raise _at(("per_key", name), f"cap must be at least 1, got {cap}")
         if self.soft_timeout_s >= self.hard_timeout_s:
-            raise _At(("soft_timeout_s",), f"must be below hard_timeout_s ({self.hard_timeout_s:g})")
+            raise _at(("soft_timeout_s",), f"must be below hard_timeout_s ({self.hard_timeout_s:g})")
         return self
 
     def cap_for(self, key_id: str) -> int:
@@ -96,73 +94,15 @@ class JobsConfig(_Strict):
             return self.queues[-1]
         return self.default_queue
 
-
-class _At(ValueError):
-    """A problem that knows its path inside the `jobs` section."""
-
-    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
-        super().__init__(msg)
-        self.loc = loc
-        self.msg = msg
+    def route_problems(self, routes: list[Route]) -> list[tuple[Loc, str]]:
+        """Routes that name a queue this section does not list."""
+        return [(("routes", i, "queue"), f"unknown queue {r.queue!r}; jobs.queues lists {self.queues}")
+                for i, r in enumerate(routes) if r.queue is not None and r.queue not in self.queues]
 
 
-def parse_jobs(policy: Policy, file: str = "<policy>") -> JobsConfig:
-    """Validate `policy.jobs` (and the routes' job settings against it), or raise PolicyError."""
-    problems: list[tuple[str, str]] = []
-    try:
-        cfg = JobsConfig.model_validate(policy.jobs or {})
-    except ValidationError as e:
-        for err in e.errors():
-            at = (err.get("ctx") or {}).get("error")
-            if isinstance(at, _At):
-                problems.append((format_loc(("jobs", *at.loc)), at.msg))
-                continue
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (see docs/jobs.md for the jobs section's keys)"
-            problems.append((format_loc(("jobs", *err["loc"])), msg))
-        raise PolicyError(file, problems) from None
-    for i, route in enumerate(policy.routes):
-        if route.queue is not None and route.queue not in cfg.queues:
-            problems.append((format_loc(("routes", i, "queue")),
-                             f"unknown queue {route.queue!r}; jobs.queues lists {cfg.queues}"))
-        if route.soft_timeout_s and route.hard_timeout_s and route.soft_timeout_s >= route.hard_timeout_s:
-            problems.append((format_loc(("routes", i, "soft_timeout_s")),
-                             f"must be below hard_timeout_s ({route.hard_timeout_s:g})"))
-    if problems:
-        raise PolicyError(file, problems)
-    return cfg
-
-
-_cache: dict[int, tuple[Policy, JobsConfig]] = {}
-_cache_lock = threading.Lock()
-
-
-def _remember(policy: Policy, cfg: JobsConfig) -> None:
-    with _cache_lock:
-        if len(_cache) >= 8:
-            _cache.clear()
-        _cache[id(policy)] = (policy, cfg)
-
-
-def check_policy(policy: Policy, file: str) -> None:
-    """Validate a loaded policy's `jobs:` section (a section check for the policy loader)."""
-    _remember(policy, parse_jobs(policy, file))
-
-
-def jobs_config(policy: Policy) -> JobsConfig:
-    """The parsed section, cached per policy object. An invalid section (which the gateway and the
-    workers refuse at start) falls back to the defaults here, with one error in the log."""
-    hit = _cache.get(id(policy))
-    if hit is not None and hit[0] is policy:
-        return hit[1]
-    try:
-        cfg = parse_jobs(policy)
-    except PolicyError as e:
-        log.error("jobs section invalid, using defaults:\n%s", e)
-        cfg = JobsConfig()
-    _remember(policy, cfg)
-    return cfg
+def _at(loc: Loc, msg: str) -> PathError:
+    """A problem at its path inside the section."""
+    return PathError([(loc, msg)])
 
 
 def background_reason(body: dict[str, Any], policy: Policy, route: Route | None,
@@ -170,7 +110,7 @@ def background_reason(body: dict[str, Any], policy: Policy, route: Route | None,
     """Why this request should run as a background job, or None to answer it interactively."""
     if route is not None and route.mode == "background":
         return f"route {route.name} runs in the background"
-    d = jobs_config(policy).divert
+    d = policy.jobs.divert
     if d.background and body.get("background") is True:
         return "the client asked for background"
     effort = body.get("reasoning_effort")

@@ -2,64 +2,22 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
-import reprlib
 from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
 
+from concilium.policy.errors import PathError, PolicyError, format_loc, validation_problems, yaml_error
+from concilium.policy.jobs import JobsConfig
+from concilium.policy.keys import KeysSection, parse_keys
 from concilium.policy.local_models import local_model_problem
-from concilium.policy.schema import ModelSpec, Policy, Route, RouterConfig, _PathError, reference_problems
+from concilium.policy.privacy import Privacy
+from concilium.policy.schema import ModelSpec, Policy, Route, RouterConfig, reference_problems
 
-
-class PolicyError(Exception):
-    """A policy file that cannot be used. `str()` is a readable, multi-line report."""
-
-    def __init__(self, file: str, problems: list[tuple[str, str]]) -> None:
-        self.file = file
-        self.problems = problems  # (key path, message)
-        lines = [f"{file}: invalid policy"]
-        lines += [f"  {path or '<root>'}: {msg}" for path, msg in problems]
-        super().__init__("\n".join(lines))
-
-
-def format_loc(loc: tuple[str | int, ...]) -> str:
-    """('routes', 2, 'fallbacks', 0) -> 'routes[2].fallbacks[0]'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _problems(err: ValidationError, at: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
-    problems = []
-    for e in err.errors():
-        loc = at + tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        ctx_err = (e.get("ctx") or {}).get("error")
-        if isinstance(ctx_err, _PathError):
-            problems += [(format_loc(loc + sub), msg) for sub, msg in ctx_err.problems]
-            continue
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see policies/default.yaml for the known keys)"
-        elif e["type"] == "literal_error":
-            msg = f"expected {e['ctx']['expected']}, got {reprlib.repr(e.get('input'))}"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        problems.append((format_loc(loc), msg))
-    return problems
-
+__all__ = ["PolicyError", "format_loc", "load_key_file", "load_policy", "parse_policy", "read_text_file"]
 
 MAX_YAML_NODES = 200_000  # after aliases are expanded: refuses "billion laughs" documents
-
-# Sections that other parts of the gateway validate: "module:function(policy, file)" raising PolicyError.
-SECTION_CHECKS = ["concilium.guard.schema:check_policy", "concilium.policy.jobs:check_policy"]
 
 
 def _expanded_size(node: yaml.Node, seen: dict[int, int]) -> int:
@@ -123,18 +81,6 @@ def _safe_yaml(text: str) -> object:
     return data
 
 
-def _section_problems(policy: Policy, file: str) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-    for target in SECTION_CHECKS:
-        module, _, func = target.partition(":")
-        if importlib.util.find_spec(module) is not None:
-            try:
-                getattr(importlib.import_module(module), func)(policy, file)
-            except PolicyError as e:
-                problems += e.problems
-    return problems
-
-
 def _file_problems(policy: Policy) -> list[tuple[str, str]]:
     """Checks against this machine: local model weights that are not where the policy says."""
     problems = []
@@ -144,7 +90,7 @@ def _file_problems(policy: Policy) -> list[tuple[str, str]]:
     return problems
 
 
-def _salvage(data: dict) -> tuple[Policy, frozenset[int]]:
+def _salvage(data: dict) -> tuple[Policy, frozenset[int | str]]:
     """The valid parts of a policy that failed validation, so the checks that build on them still
     run (placeholders where a part is invalid) and one run reports every problem."""
 
@@ -157,7 +103,7 @@ def _salvage(data: dict) -> tuple[Policy, frozenset[int]]:
     raw_models = data.get("models") if isinstance(data.get("models"), dict) else {}
     models = {name: valid(ModelSpec, spec, None) for name, spec in raw_models.items()}
     raw_routes = data.get("routes") if isinstance(data.get("routes"), list) else []
-    routes, skip = [], set()
+    routes, skip = [], set[int | str]()
     for i, raw in enumerate(raw_routes):
         route = valid(Route, raw, None)
         if route is None:
@@ -171,8 +117,15 @@ def _salvage(data: dict) -> tuple[Policy, frozenset[int]]:
     raw_router = data.get("router") if isinstance(data.get("router"), dict) else {}
     router = valid(RouterConfig, raw_router, None) or valid(
         RouterConfig, {"virtual_models": raw_router.get("virtual_models", ["concilium/auto"])}, RouterConfig())
-    sections = {k: data[k] for k, kind in (("jobs", dict), ("keys", list), ("privacy", dict))
-                if isinstance(data.get(k), kind)}
+    sections: dict[str, object] = {}
+    for name, model in (("jobs", JobsConfig), ("privacy", Privacy)):
+        sections[name] = valid(model, data.get(name) or {}, None)
+    try:
+        sections["keys"] = KeysSection.from_entries(data.get("keys") or [])
+    except PathError:
+        sections["keys"] = None
+    skip |= {name for name, value in sections.items() if value is None}  # invalid: no checks build on it
+    sections = {name: value for name, value in sections.items() if value is not None}
     return Policy.model_construct(models=models, routes=routes, router=router, **sections), frozenset(skip)
 
 
@@ -180,24 +133,17 @@ def parse_policy(text: str, file: str = "<string>") -> Policy:
     """A validated Policy, or a PolicyError listing every problem found (not only the first)."""
     try:
         data, problems = _yaml_document(text)
-    except ValueError as e:
-        raise PolicyError(file, [("", str(e))]) from None
-    except RecursionError:
-        raise PolicyError(file, [("", "YAML nested too deeply")]) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise PolicyError(file, [(where, f"not valid YAML: {getattr(e, 'problem', e)}")]) from None
+    except (ValueError, RecursionError, yaml.YAMLError) as e:
+        raise yaml_error(file, e) from None
     if not isinstance(data, dict):
         raise PolicyError(file, [("", f"expected a mapping at the top level, got {type(data).__name__}")])
     try:
         policy = Policy.model_validate(data)
     except ValidationError as e:
-        problems += _problems(e)
+        problems += validation_problems(e)
         policy, skip = _salvage(data)
         problems += [(format_loc(loc), msg) for loc, msg in reference_problems(policy, skip)]
     problems += _file_problems(policy)
-    problems += _section_problems(policy, file)
     if problems:
         raise PolicyError(file, list(dict.fromkeys(problems)))  # in file order of the checks, once each
     return policy
@@ -226,3 +172,18 @@ def read_text_file(path: str | os.PathLike[str]) -> str:
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
     return parse_policy(read_text_file(path), str(path))
+
+
+def load_key_file(path: str | os.PathLike[str]) -> KeysSection:
+    """A key file is YAML with one top-level `keys:` list, in the same format as the policy's."""
+    p = Path(path)
+    text = read_text_file(p)
+    try:
+        data = _safe_yaml(text) if text.strip() else {}
+    except (ValueError, RecursionError, yaml.YAMLError) as e:
+        raise yaml_error(str(p), e) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict) or set(data) - {"keys"}:
+        raise PolicyError(str(p), [("", "expected a mapping with one key, `keys:` (a list of keys)")])
+    return parse_keys(data.get("keys") or [], str(p))

@@ -7,10 +7,16 @@ reports errors with the file and the key path.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from concilium.policy.errors import PathError
+from concilium.policy.jobs import JobsConfig
+from concilium.policy.keys import KeysSection
+from concilium.policy.privacy import Privacy
 
 ProviderKind = Literal["local", "openai", "litellm"]
 
@@ -133,7 +139,7 @@ class Match(_Strict):
         unknown = [((i,), f"unknown category {c!r}; expected one of {known}")
                    for i, c in enumerate(v or []) if c not in CATEGORIES]
         if unknown:
-            raise _PathError(unknown)
+            raise PathError(unknown)
         return v
 
     @property
@@ -185,12 +191,14 @@ class Route(_Strict):
     @model_validator(mode="after")
     def _strategy(self) -> Route:
         if self.strategy == "cascade" and self.cascade is None:
-            raise _PathError([(("cascade",), "strategy cascade needs a `cascade:` section with its drafts")])
+            raise PathError([(("cascade",), "strategy cascade needs a `cascade:` section with its drafts")])
         if self.strategy != "cascade" and self.cascade is not None:
-            raise _PathError([(("strategy",), "a `cascade:` section needs `strategy: cascade`")])
+            raise PathError([(("strategy",), "a `cascade:` section needs `strategy: cascade`")])
         c = self.cascade
         if c is not None and c.skip_below is not None and c.trust_above is not None and c.skip_below > c.trust_above:
-            raise _PathError([(("cascade", "skip_below"), f"{c.skip_below:g} is above trust_above ({c.trust_above:g})")])
+            raise PathError([(("cascade", "skip_below"), f"{c.skip_below:g} is above trust_above ({c.trust_above:g})")])
+        if self.soft_timeout_s and self.hard_timeout_s and self.soft_timeout_s >= self.hard_timeout_s:
+            raise PathError([(("soft_timeout_s",), f"must be below hard_timeout_s ({self.hard_timeout_s:g})")])
         return self
 
 
@@ -203,7 +211,7 @@ class Retry(_Strict):
     @model_validator(mode="after")
     def _ordered(self) -> Retry:
         if self.backoff_s > self.backoff_max_s:
-            raise _PathError([(("backoff_s",), f"{self.backoff_s:g} is above backoff_max_s "
+            raise PathError([(("backoff_s",), f"{self.backoff_s:g} is above backoff_max_s "
                                f"({self.backoff_max_s:g}), the cap on every wait")])
         return self
 
@@ -249,10 +257,14 @@ class Policy(_Strict):
     retry: Retry = Field(default_factory=Retry)
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
     limits: Limits = Field(default_factory=Limits)
-    # Sections owned by other parts of the gateway (jobs, keys, privacy) are validated there.
-    jobs: dict[str, object] = Field(default_factory=dict)
-    keys: list[dict[str, object]] = Field(default_factory=list)
-    privacy: dict[str, object] = Field(default_factory=dict)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+    keys: KeysSection = Field(default_factory=KeysSection)  # a list in the file (see policy/keys.py)
+    privacy: Privacy = Field(default_factory=Privacy)
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _key_list(cls, v: object) -> object:
+        return v if isinstance(v, KeysSection) else KeysSection.from_entries(v)
 
     @field_validator("models")
     @classmethod
@@ -266,14 +278,20 @@ class Policy(_Strict):
     def _references(self) -> Policy:
         problems = reference_problems(self)
         if problems:
-            raise _PathError(problems)
+            raise PathError(problems)
         return self
 
+    @cached_property
+    def routes_on_pii(self) -> bool:
+        """Does any rule need the PII verdict (a route that matches on `pii`, or `privacy.on_pii`)?"""
+        return self.privacy.on_pii is not None or any(r.match.pii is not None for r in self.routes)
 
-def reference_problems(policy: Policy, skip: frozenset[int] = frozenset()) -> list[tuple[tuple, str]]:
-    """Every cross-reference problem: unknown or duplicate names, routes no request can reach.
-    `skip`: indices of routes that failed validation; a salvaged policy holds placeholders there, with
-    the name, targets and fallbacks that were well-formed."""
+
+def reference_problems(policy: Policy, skip: frozenset[int | str] = frozenset()) -> list[tuple[tuple, str]]:
+    """Every cross-reference problem: unknown or duplicate names, routes no request can reach, keys
+    and routes naming what does not exist. `skip`: indices of routes that failed validation (a
+    salvaged policy holds placeholders there, with the name, targets and fallbacks that were
+    well-formed) and names of sections that did."""
     problems: list[tuple[tuple, str]] = []
     models, virtual = policy.models, policy.router.virtual_models
     seen: set[str] = set()
@@ -311,12 +329,9 @@ def reference_problems(policy: Policy, skip: frozenset[int] = frozenset()) -> li
     for vm in virtual:
         if vm in models:
             problems.append((("router", "virtual_models"), f"{vm!r} is also a model name"))
+    if "jobs" not in skip:
+        problems += policy.jobs.route_problems(policy.routes)
+    if "keys" not in skip:
+        problems += policy.keys.reference_problems(set(models) | set(virtual), {r.name for r in policy.routes})
     return problems
 
-
-class _PathError(ValueError):
-    """Problems that know where they are, relative to the object being validated: [(loc, message)]."""
-
-    def __init__(self, problems: list[tuple[tuple, str]]) -> None:
-        super().__init__("; ".join(msg for _, msg in problems))
-        self.problems = problems

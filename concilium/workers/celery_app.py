@@ -137,7 +137,6 @@ def end_outside_run(job_id: str, error: dict[str, str]) -> None:
 @functools.cache
 def app_from_env() -> Celery:
     """The app for worker processes: the broker from CONCILIUM_REDIS_URL, queues from the policy."""
-    from concilium.policy.jobs import parse_jobs
     from concilium.policy.loader import load_policy
     from concilium.settings import Settings
 
@@ -146,7 +145,7 @@ def app_from_env() -> Celery:
     if queues:
         names = [q.strip() for q in queues.split(",") if q.strip()]
     else:
-        names = parse_jobs(load_policy(settings.policy), settings.policy).queues
+        names = load_policy(settings.policy).jobs.queues
     return make_celery(settings.redis_url, names)
 
 

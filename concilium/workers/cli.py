@@ -29,7 +29,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from concilium.policy.jobs import parse_jobs
     from concilium.policy.loader import PolicyError, load_policy
     from concilium.settings import Settings
 
@@ -41,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
               "the gateway runs jobs itself (embedded mode) and no worker is needed.", file=sys.stderr)
         return 2
     try:
-        cfg = parse_jobs(load_policy(settings.policy), settings.policy)
+        cfg = load_policy(settings.policy).jobs
     except PolicyError as e:
         print(e, file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from concilium.core.plan import RoutePlan
 from concilium.pipeline.state import PolicyState, Snapshot
-from concilium.policy.jobs import JobsConfig, jobs_config
+from concilium.policy.jobs import JobsConfig
 from concilium.policy.schema import Route
 from concilium.workers.celery_app import TASK_NAME, make_celery
 from concilium.workers.config import JobsEnv
@@ -95,7 +95,7 @@ class JobService:
                      snap: Snapshot, owner: str, idem: str | None, fingerprint: str) -> tuple[str, bool]:
         """Store a job and queue it; (job id, created). Raises CapExceeded, IdempotencyConflict,
         PublishError."""
-        cfg = jobs_config(snap.policy)
+        cfg = snap.policy.jobs
         soft, hard = cfg.timeouts(route_of(plan, snap.policy))
         queue = cfg.queue_for(plan.queue, chat_body.get("service_tier"))
         if self.embedded is not None and queue not in self.queues:

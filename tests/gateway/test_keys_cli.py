@@ -6,7 +6,7 @@ import pytest
 
 from concilium.cli import main
 from concilium.guard.keys import KeyTable
-from concilium.guard.schema import load_key_file
+from concilium.policy.loader import load_key_file
 
 
 def table(path) -> KeyTable:

@@ -8,8 +8,7 @@ import sys
 import pytest
 
 from concilium.guard.keys import KeyTable, hash_key, merge, new_key
-from concilium.guard.schema import load_key_file, parse_keys
-from concilium.policy.loader import PolicyError, parse_policy
+from concilium.policy.loader import PolicyError, load_key_file, parse_policy
 from tests.support import ROOT
 
 H = hash_key("ck-test")
@@ -48,7 +47,7 @@ def _problems(text: str) -> dict[str, str]:
 
 def test_valid_section_builds_scopes():
     pol = parse_policy(BASE, "p.yaml")
-    table = KeyTable(parse_keys(pol.keys, "p.yaml"))
+    table = KeyTable(pol.keys)
     key = table.lookup("ck-test")
     assert key is not None and key.name == "alice"
     assert [s.name for s in key.scopes] == ["key:alice", "team:research"]
@@ -95,12 +94,12 @@ def test_key_file_and_merge(tmp_path):
     k = new_key()
     f = tmp_path / "keys.yaml"
     f.write_text(f"keys:\n  - name: bob\n    hash: {hash_key(k)}\n    budget: {{usd_per_day: 2}}\n")
-    merged = merge(parse_keys(parse_policy(BASE, "p.yaml").keys, "p.yaml"), load_key_file(f), str(f))
+    merged = merge(parse_policy(BASE, "p.yaml").keys, load_key_file(f), str(f))
     table = KeyTable(merged)
     assert table.lookup(k).name == "bob" and table.lookup("ck-test").name == "alice"
     f.write_text(f"keys:\n  - name: alice\n    hash: {hash_key(k)}\n")
     with pytest.raises(PolicyError, match="duplicate key name 'alice'"):
-        merge(parse_keys(parse_policy(BASE, "p.yaml").keys, "p.yaml"), load_key_file(f), str(f))
+        merge(parse_policy(BASE, "p.yaml").keys, load_key_file(f), str(f))
     f.write_text("keys: {name: x}\n")
     with pytest.raises(PolicyError, match="expected a list"):
         load_key_file(f)

@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from concilium.guard.schema import load_key_file
-from concilium.policy.loader import PolicyError, load_policy
+from concilium.policy.loader import PolicyError, load_key_file, load_policy
 from tests.guard.support import make_key, upstream_policy
 from tests.support import ROOT, start_gateway
 

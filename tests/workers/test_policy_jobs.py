@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from concilium.core.plan import Prediction
-from concilium.policy.jobs import check_policy, jobs_config, parse_jobs
 from concilium.policy.loader import PolicyError, parse_policy
 from concilium.router.decide import decide
 
@@ -34,34 +33,33 @@ def policy(jobs: str = "", routes_extra: str = ""):
 
 def problems(jobs: str, routes_extra: str = "") -> list[tuple[str, str]]:
     with pytest.raises(PolicyError) as e:
-        pol = policy(jobs, routes_extra)
-        check_policy(pol, "p.yaml")
+        policy(jobs, routes_extra)
     assert e.value.file == "p.yaml"
     return e.value.problems
 
 
 def test_defaults_and_route_timeouts():
-    cfg = parse_jobs(policy())
+    cfg = policy().jobs
     assert cfg.queues == ["high", "default", "low"] and cfg.chat_wait_s == 10
     pol = policy()
     assert cfg.timeouts(pol.routes[0]) == (30, 60)
     assert cfg.timeouts(pol.routes[1]) == (600, 900)
     assert cfg.timeouts(None) == (600, 900)
-    short = parse_jobs(policy("  soft_timeout_s: 100\n  hard_timeout_s: 200\n"))
+    short = policy("  soft_timeout_s: 100\n  hard_timeout_s: 200\n").jobs
     assert short.timeouts(pol.routes[0]) == (30, 60)
     hard_only = pol.routes[0].model_copy(update={"soft_timeout_s": None, "hard_timeout_s": 50})
     assert short.timeouts(hard_only) == (None, 50)  # the soft timeout would come after the hard one
 
 
 def test_queue_choice():
-    cfg = parse_jobs(policy())
+    cfg = policy().jobs
     assert cfg.queue_for("low") == "low"
     assert cfg.queue_for(None) == "default"
     assert cfg.queue_for(None, "priority") == "high" and cfg.queue_for(None, "flex") == "low"
 
 
 def test_caps_per_key():
-    cfg = parse_jobs(policy("  max_active_per_key: 4\n  per_key: {batch-team: 100}\n"))
+    cfg = policy("  max_active_per_key: 4\n  per_key: {batch-team: 100}\n").jobs
     assert cfg.cap_for("batch-team") == 100 and cfg.cap_for("anyone") == 4
 
 
@@ -92,14 +90,15 @@ def test_route_soft_timeout_must_come_before_its_hard_timeout():
     assert ("routes[2].soft_timeout_s", "must be below hard_timeout_s (5)") in found
 
 
-def test_invalid_section_falls_back_to_defaults_on_the_hot_path():
+def test_a_policy_never_holds_an_invalid_section():
     import yaml
+    from pydantic import ValidationError
 
     from concilium.policy.schema import Policy
 
-    # The loader refuses such a file; a Policy built without it must still route with defaults.
-    pol = Policy.model_validate(yaml.safe_load(BASE + "jobs:\n  queues: [x, x]\n"))
-    assert jobs_config(pol).queues == ["high", "default", "low"]
+    # The section is typed: a Policy object (which the hot path reads as is) cannot be built with it.
+    with pytest.raises(ValidationError):
+        Policy.model_validate(yaml.safe_load(BASE + "jobs:\n  queues: [x, x]\n"))
     with pytest.raises(PolicyError):
         policy("  queues: [x, x]\n")
 
