@@ -21,6 +21,7 @@ from concilium.core.plan import RoutePlan
 from concilium.gateway import routes_jobs
 from concilium.gateway.errors import APIError, sse_error
 from concilium.gateway.headers import header_value, plan_headers
+from concilium.gateway.request_ids import add_cost
 from concilium.gateway.requests import (
     no_candidates,
     plan_request,
@@ -55,6 +56,14 @@ def _provider_error(e: ProviderError | call.AllCandidatesFailed, plan: RoutePlan
                         type="rate_limit_error" if status == 429 else "api_error")
     return APIError(e.status if 400 <= e.status < 600 else 502, e.message, code=e.code, param=e.param,
                     headers=plan_headers(plan))
+
+
+def _cost(request: Request, snap: Snapshot, *call: Any) -> float | None:
+    """`snap.cost_usd(*call)`, the cost of one call, added to the request's total for the access log."""
+    cost = snap.cost_usd(*call)
+    if cost:
+        add_cost(request.scope, cost)
+    return cost
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -122,7 +131,7 @@ async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapsho
     # Built before it is counted: a response that cannot be built is a failure, not an "ok".
     response = Response(orjson.dumps(result), media_type="application/json",
                         headers={**plan_headers(plan, model), **(headers or {})})
-    metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, snap.cost_usd(model, usage))
+    metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, _cost(request, snap, model, usage))
     if ticket is not None:
         ticket.done(model, usage, "ok")
     if attempts:
@@ -161,7 +170,7 @@ def _serve_stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot,
         finished = True
         await call._aclose(handle.rest)
         metrics.record(handle.model, plan.route, status, time.perf_counter() - t0, usage,
-                       snap.cost_usd(handle.model, usage))
+                       _cost(request, snap, handle.model, usage))
         if ticket is not None:
             ticket.done(handle.model, usage, status, prior or ())
 
@@ -262,7 +271,7 @@ async def _cascade(request: Request, body: dict, plan: RoutePlan, snap: Snapshot
     draft_calls = [c for c in run.calls if c.model != run.draft_model or not c.ok]
     for c in draft_calls:
         metrics.record(c.model, plan.route, "draft" if c.ok else "draft-error", c.seconds, c.usage,
-                       snap.cost_usd(c.model, c.usage))
+                       _cost(request, snap, c.model, c.usage))
     if run.error is not None:
         metrics.requests.labels(plan.candidates[0].model if plan.candidates else "none", plan.route, "error").inc()
         if ticket is not None:
@@ -275,7 +284,7 @@ async def _cascade(request: Request, body: dict, plan: RoutePlan, snap: Snapshot
     if run.draft is not None:  # a draft is the answer
         result, model = run.draft, run.draft_model
         usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
-        metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, snap.cost_usd(model, usage))
+        metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, _cost(request, snap, model, usage))
         if ticket is not None:
             ticket.done(model, usage, "ok", draft_calls)
         if stream:
@@ -291,7 +300,7 @@ async def _cascade(request: Request, body: dict, plan: RoutePlan, snap: Snapshot
     usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
     response = Response(orjson.dumps(_explained(request, result, run)), media_type="application/json",
                         headers={**plan_headers(plan, model), **headers})
-    metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, snap.cost_usd(model, usage))
+    metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, _cost(request, snap, model, usage))
     if ticket is not None:
         ticket.done(model, usage, "ok", draft_calls)
     if attempts:

@@ -1,17 +1,29 @@
-"""`x-request-id` on every response, as a pure ASGI middleware.
+"""Every request's envelope, as one pure ASGI middleware (outermost): its id and its access log line.
 
-A client's id (up to 128 letters, digits, `-` and `_`) is kept; otherwise one is made here and put
-into the request's headers, so every route, the plan and the logs see the same id. Responses that
-already name it (the chat route's plan headers) are left as they are; every other response,
-errors from the outer middleware included, gets it added.
+`x-request-id`: a client's id (up to 128 letters, digits, `-` and `_`) is kept; otherwise one is made
+here and put into the request's headers, so every route, the plan and the logs see the same id.
+Responses that already name it (the chat route's plan headers) are left as they are; every other
+response, errors from the outer middleware included, gets it added.
+
+The access log (logger `concilium.access`, level INFO): one line per request with its id, method,
+path, status, the key's name, the model and route that answered, the latency to the last byte and
+the cost in USD. Never the prompt or the key. Nothing is measured while the logger is off.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 from typing import Any
 
+from concilium.guard.service import STATE_KEY
+
 _NAME = b"x-request-id"
+_MODEL = b"x-concilium-model"
+_ROUTE = b"x-concilium-route"
+COST = "concilium.cost_usd"  # the request's cost so far, in the ASGI scope's state (`add_cost`)
+access = logging.getLogger("concilium.access")
 
 
 def valid_request_id(rid: str) -> bool:
@@ -21,6 +33,12 @@ def valid_request_id(rid: str) -> bool:
 def new_request_id() -> str:
     # 128 random bits as 32 hex digits: a correlation id, not a secret, so no urandom syscall per request.
     return f"{random.getrandbits(128):032x}"
+
+
+def add_cost(scope: dict[str, Any], usd: float) -> None:
+    """Add a call's cost to the request's total (shown in its access log line)."""
+    state = scope.setdefault("state", {})
+    state[COST] = state.get(COST, 0.0) + usd
 
 
 class RequestIdMiddleware:
@@ -39,15 +57,56 @@ class RequestIdMiddleware:
         if rid is None or not valid_request_id(rid.decode("latin-1")):
             rid = new_request_id().encode()
             scope["headers"] = [(k, v) for k, v in headers if k != _NAME] + [(_NAME, rid)]
+        if not access.isEnabledFor(logging.INFO):
+            return await self.app(scope, receive, self._sender(send, rid, None))
+        t0 = time.perf_counter()
+        seen: dict[bytes, Any] = {}
+        try:
+            await self.app(scope, receive, self._sender(send, rid, seen))
+        except Exception:
+            seen.setdefault(b"status", 500)  # answered by the server-error handler outside
+            raise
+        finally:
+            self._log(scope, rid, seen, time.perf_counter() - t0)
 
+    @staticmethod
+    def _sender(send: Any, rid: bytes, seen: dict[bytes, Any] | None) -> Any:
         async def send_with_id(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 out = message.get("headers") or []
-                for k, _ in out:
+                named = False
+                for k, v in out:
                     if k == _NAME:
-                        break
-                else:
+                        named = True
+                    elif seen is not None and (k == _MODEL or k == _ROUTE):
+                        seen[k] = v
+                if not named:
                     message["headers"] = [*out, (_NAME, rid)]
+                if seen is not None:
+                    seen[b"status"] = message["status"]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        return send_with_id
+
+    @staticmethod
+    def _log(scope: dict[str, Any], rid: bytes, seen: dict[bytes, Any], seconds: float) -> None:
+        state = scope.get("state") or {}
+        key = state.get(STATE_KEY)
+        cost = state.get(COST)
+        path = scope.get("raw_path") or scope.get("path", "-").encode("utf-8", "replace")  # as sent: %-encoded
+        access.info("id=%s method=%s path=%s status=%s key=%s model=%s route=%s latency_ms=%.1f cost_usd=%s",
+                    rid.decode("latin-1"), scope.get("method", "-"), _field(path),
+                    seen.get(b"status", 499),  # nothing was sent: the client went away first
+                    getattr(key, "name", None) or "-", _field(seen.get(_MODEL)), _field(seen.get(_ROUTE)),
+                    seconds * 1000, f"{cost:.6g}" if cost else "0")
+
+
+def _field(value: bytes | None) -> str:
+    """A header value or a raw path as one log field: any byte that is not printable ASCII, and the
+    space, %-encoded (values already are, but for spaces); `-` when absent."""
+    if not value:
+        return "-"
+    text = value.decode("latin-1")
+    if text.isascii() and text.isprintable() and " " not in text:
+        return text
+    return "".join(ch if " " < ch <= "~" else f"%{ord(ch):02X}" for ch in text)

@@ -138,3 +138,38 @@ def test_readiness_reports_a_broken_policy_on_disk_and_a_failed_model_load(gw, t
     body = json.loads(call(gw, "GET", "/readyz")[2])
     assert body["ready"] is False and list(body["failed"]) == ["broken"] and body["failed"]["broken"]
     assert "broken" not in body["loading"]
+
+
+def test_one_access_log_line_per_request_without_the_prompt(upstream, tmp_path):
+    from concilium.guard.keys import hash_key, new_key
+    from tests.support import start_gateway
+
+    key = new_key()
+    policy = two_models(upstream.url) + f"keys:\n  - name: alice\n    hash: {hash_key(key)}\n"
+    gw = start_gateway(policy, tmp_path / "p.yaml", extra_args=["--log-level", "info"])
+    try:
+        client = gw.client(api_key=key)
+        client.chat.completions.create(model="concilium/auto", extra_headers={"x-request-id": "acc-1"},
+                                       messages=[{"role": "user", "content": "the secret word is tulips"}])
+        list(client.chat.completions.create(model="concilium/auto", stream=True, extra_headers={
+            "x-request-id": "acc-2"}, messages=[{"role": "user", "content": "tulips again"}]))
+        call(gw, "GET", "/v1/models", headers={"x-request-id": "acc-3"})  # no key: 401
+        status, _, _ = call(gw, "GET", "/healthz", headers={"x-request-id": "acc-4"})
+    finally:
+        gw.stop()
+    lines = [line for line in gw.log.read_text().splitlines() if "concilium.access" in line]
+    by_id = {}
+    for line in lines:
+        fields = dict(f.split("=", 1) for f in line.split("concilium.access: ", 1)[1].split())
+        by_id.setdefault(fields["id"], []).append(fields)
+    assert all(len(v) == 1 for v in by_id.values()), by_id  # one line per request
+    ok = by_id["acc-1"][0]
+    assert (ok["key"], ok["model"], ok["route"], ok["status"], ok["method"], ok["path"]) == (
+        "alice", "primary", "main", "200", "POST", "/v1/chat/completions")
+    assert float(ok["latency_ms"]) > 0 and float(ok["cost_usd"]) > 0
+    streamed = by_id["acc-2"][0]
+    assert streamed["status"] == "200" and streamed["model"] == "primary" and float(streamed["cost_usd"]) > 0
+    refused = by_id["acc-3"][0]
+    assert refused["status"] == "401" and refused["key"] == "-" and refused["model"] == "-"
+    assert by_id["acc-4"][0]["status"] == "200"
+    assert "tulips" not in gw.log.read_text()  # never the prompt
