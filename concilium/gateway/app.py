@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from concilium import __version__
-from concilium.gateway import routes_feedback, routes_jobs, routes_usage
+from concilium.gateway import anthropic, messages, routes_feedback, routes_jobs, routes_usage
 from concilium.gateway.auth import AuthMiddleware
 from concilium.gateway.chat import chat_completions
 from concilium.gateway.errors import APIError, error_response
@@ -32,6 +32,7 @@ from concilium.settings import Settings
 from concilium.workers.store import StoreUnavailable
 
 log = logging.getLogger("concilium.gateway")
+
 
 def create_app(settings: Settings | None = None, policy_path: str | None = None) -> FastAPI:
     """The composition root: every service is built here, started and closed by the lifespan, and
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
     app.add_middleware(FastPath, path="/v1/chat/completions")
     app.add_middleware(BodySizeLimit, limit=lambda: state.current.policy.limits.max_body_bytes)
     app.add_middleware(AuthMiddleware, guard=svc.guard)  # a request without a valid key goes no further
+    app.add_middleware(messages.AnthropicErrors)  # /v1/messages answers every error in Anthropic's shape
     app.add_middleware(RequestIdMiddleware)  # outermost: every response names its request id
 
     @app.exception_handler(APIError)
@@ -83,6 +85,12 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
                       openapi_extra=body_schema(ChatCompletionRequest),
                       summary="Create a chat completion (OpenAI-compatible)")
+    app.add_api_route(messages.PATH, messages.create_message, methods=["POST"],
+                      openapi_extra=body_schema(anthropic.MessagesRequest),
+                      summary="Create a message (Anthropic Messages API), answered by the chat pipeline")
+    app.add_api_route(messages.PATH + "/count_tokens", messages.count_tokens, methods=["POST"],
+                      openapi_extra=body_schema(anthropic.CountTokensRequest),
+                      summary="Estimate a message request's input tokens (from its length, no tokenizer)")
 
     @app.post("/v1/route", openapi_extra=body_schema(RouteRequest),
               summary="Dry run: the routing plan for a request, without calling a model")

@@ -74,12 +74,19 @@ async def _until_disconnect(request: Request) -> None:
 
 
 async def chat_completions(request: Request) -> Response:
-    svc = request.app.state.services
-    metrics = svc.metrics
     t0 = time.perf_counter()
-    rid = request_id(request)
     body = await read_json(request)
     validate(ChatCompletionRequest, body)
+    return await answer(request, body, t0)
+
+
+async def answer(request: Request, body: dict[str, Any], t0: float | None = None) -> Response:
+    """Plan, admit, execute and settle one chat request that has been read and validated: the chat
+    route's own, or one translated from another API (`messages.py`, Anthropic's Messages)."""
+    svc = request.app.state.services
+    metrics = svc.metrics
+    t0 = time.perf_counter() if t0 is None else t0
+    rid = request_id(request)
     snap: Snapshot = svc.policy.current
     plan = plan_request(snap, body, rid)
     if not plan.candidates and plan.strategy != "cascade":
@@ -131,7 +138,8 @@ async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapsho
     # Built before it is counted: a response that cannot be built is a failure, not an "ok".
     response = Response(orjson.dumps(result), media_type="application/json",
                         headers={**plan_headers(plan, model), **(headers or {})})
-    metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, _cost(request, snap, model, usage))
+    elapsed = time.perf_counter() - t0
+    metrics.record(model, plan.route, "ok", elapsed, usage, _cost(request, snap, model, usage, elapsed))
     if ticket is not None:
         ticket.done(model, usage, "ok")
     if attempts:
@@ -169,8 +177,8 @@ def _serve_stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot,
             return
         finished = True
         await call._aclose(handle.rest)
-        metrics.record(handle.model, plan.route, status, time.perf_counter() - t0, usage,
-                       _cost(request, snap, handle.model, usage))
+        elapsed = time.perf_counter() - t0
+        metrics.record(handle.model, plan.route, status, elapsed, usage, _cost(request, snap, handle.model, usage, elapsed))
         if ticket is not None:
             ticket.done(handle.model, usage, status, prior or ())
 
@@ -271,7 +279,7 @@ async def _cascade(request: Request, body: dict, plan: RoutePlan, snap: Snapshot
     draft_calls = [c for c in run.calls if c.model != run.draft_model or not c.ok]
     for c in draft_calls:
         metrics.record(c.model, plan.route, "draft" if c.ok else "draft-error", c.seconds, c.usage,
-                       _cost(request, snap, c.model, c.usage))
+                       _cost(request, snap, c.model, c.usage, c.seconds))
     if run.error is not None:
         metrics.requests.labels(plan.candidates[0].model if plan.candidates else "none", plan.route, "error").inc()
         if ticket is not None:
@@ -284,7 +292,8 @@ async def _cascade(request: Request, body: dict, plan: RoutePlan, snap: Snapshot
     if run.draft is not None:  # a draft is the answer
         result, model = run.draft, run.draft_model
         usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
-        metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, _cost(request, snap, model, usage))
+        elapsed = time.perf_counter() - t0
+        metrics.record(model, plan.route, "ok", elapsed, usage, _cost(request, snap, model, usage, elapsed))
         if ticket is not None:
             ticket.done(model, usage, "ok", draft_calls)
         if stream:
@@ -300,7 +309,8 @@ async def _cascade(request: Request, body: dict, plan: RoutePlan, snap: Snapshot
     usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
     response = Response(orjson.dumps(_explained(request, result, run)), media_type="application/json",
                         headers={**plan_headers(plan, model), **headers})
-    metrics.record(model, plan.route, "ok", time.perf_counter() - t0, usage, _cost(request, snap, model, usage))
+    elapsed = time.perf_counter() - t0
+    metrics.record(model, plan.route, "ok", elapsed, usage, _cost(request, snap, model, usage, elapsed))
     if ticket is not None:
         ticket.done(model, usage, "ok", draft_calls)
     if attempts:

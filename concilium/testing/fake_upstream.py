@@ -12,6 +12,7 @@ Faults, per upstream model id, come from a script (consumed one per request) or 
   {"malformed_at": 2}                   stream: event 2 is not JSON
   {"hang": true}                        never answer
   {"chunk_delay_s": 0.05}               pause between streamed events
+  {"tool_call": {"name": "f", "arguments": {...}}}   answer by calling that tool (finish_reason tool_calls)
 Random chaos (`/_control/chaos`) picks among 500, 429, slow and dropped streams with given odds.
 
 Control endpoints: POST /_control/script {"model", "faults": [...]}, POST /_control/default
@@ -119,6 +120,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         if status != 200:
             headers = {"retry-after": str(fault["retry_after"])} if "retry_after" in fault else None
             return _error(status, f"injected {status}", headers, fault.get("code"))
+        if fault.get("tool_call"):
+            return await _tool_call(request, up, body, model, fault["tool_call"])
         words = _reply_words(body)
         n = max(1, int(body.get("max_tokens") or 0) and min(up.chunks, int(body["max_tokens"])) or up.chunks)
         pieces = _split(words, n)
@@ -173,6 +176,47 @@ async def _stream(request: web.Request, up: Upstream, body: dict, model: str, ci
     except (ConnectionResetError, asyncio.CancelledError):
         st["disconnected"] += 1
         raise
+    return resp
+
+
+async def _tool_call(request: web.Request, up: Upstream, body: dict, model: str, call: dict) -> web.StreamResponse:
+    """An answer that calls one tool; streamed, its arguments come in two pieces."""
+    st = up.stats
+    cid, created = f"chatcmpl-fake{st['requests']}", int(time.time())
+    args = orjson.dumps(call.get("arguments") or {}).decode()
+    tid = f"call_fake{st['requests']}"
+    usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    if not body.get("stream"):
+        msg = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": tid, "type": "function", "function": {"name": call["name"], "arguments": args}}]}
+        st["completed"] += 1
+        return web.json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
+                                  "choices": [{"index": 0, "message": msg, "finish_reason": "tool_calls"}],
+                                  "usage": usage}, dumps=lambda o: orjson.dumps(o).decode())
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache"})
+    await resp.prepare(request)
+
+    def ev(choices: list, use: dict | None = None) -> bytes:
+        obj: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                               "choices": choices}
+        if use is not None:
+            obj["usage"] = use
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    half = len(args) // 2
+    first = {"index": 0, "id": tid, "type": "function", "function": {"name": call["name"], "arguments": ""}}
+    events = [ev([{"index": 0, "delta": {"role": "assistant", "content": None, "tool_calls": [first]},
+                   "finish_reason": None}])]
+    events += [ev([{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                    "finish_reason": None}]) for piece in (args[:half], args[half:]) if piece]
+    events.append(ev([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        events.append(ev([], usage))
+    for e in events:
+        await resp.write(e)
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    st["completed"] += 1
     return resp
 
 
