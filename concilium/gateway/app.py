@@ -108,17 +108,22 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
         snap = state.current
         if name in snap.policy.router.virtual_models:
             return {"id": name, "object": "model", "created": now, "owned_by": "concilium"}
+        if name in snap.policy.aliases:  # another name for a model or virtual model
+            target = snap.policy.aliases[name]
+            card = model_card(target, now)
+            return card and {**card, "id": name, "alias_for": target}
         spec = snap.policy.models.get(name)
         if spec is None:
             return None
         return {"id": name, "object": "model", "created": now, "owned_by": spec.provider,
                 "available": snap.availability(name) is None}
 
-    @app.get("/v1/models", summary="The policy's models and the router's virtual models")
+    @app.get("/v1/models", summary="The policy's models, the router's virtual models and the aliases")
     async def models() -> JSONResponse:
         snap, now = state.current, int(time.time())
         names = [*snap.policy.router.virtual_models, *(n for n in snap.policy.models
-                                                         if n not in snap.policy.router.virtual_models)]
+                                                         if n not in snap.policy.router.virtual_models),
+                 *snap.policy.aliases]
         return JSONResponse({"object": "list", "data": [model_card(n, now) for n in names]})
 
     @app.get("/v1/models/{model_id:path}", summary="One model or virtual model (OpenAI's model object)")

@@ -74,6 +74,8 @@ def plan_request(snap: Snapshot, body: dict[str, Any], rid: str) -> RoutePlan:
                       windows=snap.context_limit, features=snap.unsupported, request_id=rid, pii=pii)
     except DecisionError as e:
         raise APIError(e.status, e.message, code=e.code, param=e.param) from None
+    if plan.requested_model != body.get("model"):  # an alias: keys, budgets and jobs see its target
+        body["model"] = plan.requested_model
     return privacy.restrict(plan, snap.policy, pii)
 
 

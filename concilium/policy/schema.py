@@ -260,6 +260,8 @@ class Policy(_Strict):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     keys: KeysSection = Field(default_factory=KeysSection)  # a list in the file (see policy/keys.py)
     privacy: Privacy = Field(default_factory=Privacy)
+    # Other names for models and virtual models: a request for `gpt-4` is a request for its target.
+    aliases: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("keys", mode="before")
     @classmethod
@@ -329,6 +331,16 @@ def reference_problems(policy: Policy, skip: frozenset[int | str] = frozenset())
     for vm in virtual:
         if vm in models:
             problems.append((("router", "virtual_models"), f"{vm!r} is also a model name"))
+    for alias, target in policy.aliases.items():
+        if not alias or alias.strip() != alias:
+            problems.append((("aliases", alias), f"alias {alias!r} must be non-empty with no surrounding spaces"))
+        elif alias in models or alias in virtual:
+            what = "a model" if alias in models else "a virtual model"
+            problems.append((("aliases", alias), f"alias {alias!r} shadows {what} of that name; rename the alias"))
+        elif target not in models and target not in virtual:
+            more = " (an alias names a model, not another alias)" if target in policy.aliases else ""
+            problems.append((("aliases", alias), f"alias {alias!r} points to {target!r}, which is neither a model "
+                             f"nor a virtual model{more}; defined: {', '.join([*sorted(models), *virtual])}"))
     if "jobs" not in skip:
         problems += policy.jobs.route_problems(policy.routes)
     if "keys" not in skip:

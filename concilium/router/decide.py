@@ -65,6 +65,7 @@ def _request_fallbacks(body: dict[str, Any], policy: Policy) -> list[str]:
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
             raise DecisionError(f"{field!r} must be a list of model names", code="invalid_request", param=field)
         for name in names:
+            name = policy.aliases.get(name, name)
             if name in policy.router.virtual_models:
                 raise DecisionError(f"{field!r} names models to fall back to; {name!r} is a virtual model "
                                     "(ask for it as `model` instead)", code="invalid_request", param=field)
@@ -189,6 +190,9 @@ def decide(
                             f"{policy.router.virtual_models[0]!r}", code="invalid_request")
     rid = request_id or uuid.uuid4().hex
     reasons: list[str] = []
+    if requested in policy.aliases:  # a request for an alias is a request for its target, pinned or routed
+        reasons.append(f"alias {requested} -> {policy.aliases[requested]}")
+        requested = policy.aliases[requested]
 
     asked = _request_fallbacks(body, policy)
     if requested in policy.models:
@@ -227,7 +231,7 @@ def decide(
             reasons.append(f"category={prediction.category}"
                            + (f" difficulty={prediction.difficulty:.2f}" if prediction.difficulty is not None else ""))
     else:
-        known = sorted(policy.models) + list(policy.router.virtual_models)
+        known = sorted(policy.models) + list(policy.router.virtual_models) + sorted(policy.aliases)
         raise DecisionError(f"The model {requested!r} does not exist; available: {', '.join(known)}",
                             status=404, code="model_not_found")
 
