@@ -56,12 +56,15 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
     # Innermost first: the hot endpoint skips routing and dependency solving, not the other middleware.
     app.add_middleware(FastPath, path="/v1/chat/completions")
     app.add_middleware(BodySizeLimit, limit=lambda: state.current.policy.limits.max_body_bytes)
-    app.add_middleware(AuthMiddleware, guard=svc.guard)  # a request without a valid key goes no further
+    app.add_middleware(AuthMiddleware, guard=svc.guard, metrics=metrics)  # a request without a valid key goes no further
     app.add_middleware(messages.AnthropicErrors)  # /v1/messages answers every error in Anthropic's shape
     app.add_middleware(RequestIdMiddleware)  # outermost: every response names its request id
 
+    metrics.watch_breakers(state)
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> Response:
+        metrics.reject(exc.status, exc.code)
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)

@@ -20,9 +20,10 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 
 
 class AuthMiddleware:
-    def __init__(self, app: Any, guard: Guard) -> None:
+    def __init__(self, app: Any, guard: Guard, metrics: Any = None) -> None:
         self.app = app
         self.guard = guard
+        self.metrics = metrics  # counts the 401s (gateway.metrics.Metrics.reject)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/") or not self.guard.active:
@@ -31,11 +32,16 @@ class AuthMiddleware:
         if not token:
             err = APIError(401, "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key",
                            type="authentication_error", headers=_CHALLENGE)
-            return await error_response(err)(scope, receive, send)
+            return await self._refuse(err, scope, receive, send)
         key = self.guard.table().lookup(token)
         if key is None or key.entry.disabled:
             why = "this API key is disabled" if key is not None else "invalid API key"
             err = APIError(401, why, code="invalid_api_key", type="authentication_error", headers=_CHALLENGE)
-            return await error_response(err)(scope, receive, send)
+            return await self._refuse(err, scope, receive, send)
         scope.setdefault("state", {})[STATE_KEY] = key
         return await self.app(scope, receive, send)
+
+    async def _refuse(self, err: APIError, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.reject(err.status, err.code)
+        await error_response(err)(scope, receive, send)

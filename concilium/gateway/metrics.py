@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 _LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -34,6 +35,9 @@ class Metrics:
                                "trusted, skipped, failed)", ["route", "model", "outcome"], registry=r)
         self.cascade_score = Histogram("concilium_cascade_score", "Scores of cascade drafts", ["route", "model"],
                                        buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
+        self.rejected = Counter("concilium_rejected_requests", "Requests refused with 401, 403 or 429, by status and "
+                                "error code", ["status", "code"], registry=r)
+        self.key_spend = Counter("concilium_key_spend_usd", "Spend settled per API key, in USD", ["key"], registry=r)
 
         # Labelled children by (metric, label values): `labels()` takes a lock and builds a key per call.
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
@@ -54,3 +58,35 @@ class Metrics:
             self.child(self.tokens, model, route, "completion").inc(usage.get("completion_tokens") or 0)
         if cost:
             self.child(self.cost, model, route).inc(cost)
+
+    def reject(self, status: int, code: str | None) -> None:
+        """Count a refused request (401, 403, 429); other statuses are not rejections."""
+        if status in (401, 403, 429):
+            self.child(self.rejected, str(status), code or "none").inc()
+
+    def watch_breakers(self, state: Any) -> None:
+        """`concilium_circuit_open` (1 while a model's circuit is open) and `concilium_circuit_failures`
+        (its failures in a row) for every model of the policy in force, read at scrape time."""
+        def collect() -> list[GaugeMetricFamily]:
+            now = state.breaker.snapshot()
+            is_open = GaugeMetricFamily("concilium_circuit_open", "1 while the model's circuit is open",
+                                        labels=["model"])
+            failures = GaugeMetricFamily("concilium_circuit_failures", "The model's failed requests in a row",
+                                         labels=["model"])
+            for model in state.current.policy.models:
+                st = now.get(model) or {}
+                is_open.add_metric([model], 1.0 if st.get("open_for_s", 0) > 0 else 0.0)
+                failures.add_metric([model], float(st.get("failures", 0)))
+            return [is_open, failures]
+
+        self.registry.register(_Collector(collect))
+
+
+class _Collector:
+    """A prometheus collector that builds its families when scraped."""
+
+    def __init__(self, collect: Any) -> None:
+        self.collect = collect
+
+    def describe(self) -> list:
+        return []  # nothing to check at registration: the families depend on the policy in force

@@ -157,11 +157,18 @@ class Ticket:
         for m, scopes in self.model_scopes.items():
             mine, toks = per_model.get(m, (0, 0))
             charges += [scope_charge(s, mine, toks - self.counted_tokens) for s in scopes]
+        self.guard.count_spend(self.key.name, total)
         if charges:  # a key without limits reserved nothing
             self.guard.settle(self.rid, charges)
 
 
 class Guard:
+    def count_spend(self, key: str, nano: int) -> None:
+        """The spend-per-key metric (`concilium_key_spend_usd`), when the policy state has metrics."""
+        metrics = getattr(self.state, "metrics", None)
+        if nano and metrics is not None and hasattr(metrics, "key_spend"):
+            metrics.child(metrics.key_spend, key).inc(nano / NANO)
+
     def __init__(self, state: Any, settings: Any) -> None:
         self.state = state
         self.settings = settings

@@ -173,3 +173,45 @@ def test_one_access_log_line_per_request_without_the_prompt(upstream, tmp_path):
     assert refused["status"] == "401" and refused["key"] == "-" and refused["model"] == "-"
     assert by_id["acc-4"][0]["status"] == "200"
     assert "tulips" not in gw.log.read_text()  # never the prompt
+
+
+def metric_lines(gw) -> list[str]:
+    return call(gw, "GET", "/metrics")[2].decode().splitlines()
+
+
+def test_rejections_breaker_state_and_spend_per_key_are_metrics(upstream, tmp_path):
+    from concilium.guard.keys import hash_key, new_key
+    from tests.support import start_gateway
+
+    alice, bob = new_key(), new_key()
+    policy = two_models(upstream.url, failures=1) + (
+        f"keys:\n  - name: alice\n    hash: {hash_key(alice)}\n"
+        f"  - name: bob\n    hash: {hash_key(bob)}\n    models: [backup]\n    rate: {{requests_per_min: 1}}\n")
+    gw = start_gateway(policy, tmp_path / "p.yaml")
+    try:
+        call(gw, "GET", "/v1/models")  # 401: no key
+        call(gw, "GET", "/v1/models", headers={"authorization": "Bearer ck-wrong"})  # 401
+        auth = {"authorization": f"Bearer {bob}", **JSON}
+        assert call(gw, "POST", "/v1/chat/completions", CHAT, auth)[0] == 403  # bob may not ask for concilium/auto
+        pinned = json.dumps({"model": "backup", "messages": MSG}).encode()
+        assert call(gw, "POST", "/v1/chat/completions", pinned, auth)[0] == 200
+        assert call(gw, "POST", "/v1/chat/completions", pinned, auth)[0] == 429  # one request a minute
+        upstream.default("primary", {"status": 500})
+        gw.client(api_key=alice).chat.completions.create(model="concilium/auto", messages=MSG)  # backup answers
+        lines = metric_lines(gw)
+    finally:
+        gw.stop()
+
+    def value(prefix: str) -> float:
+        found = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix)]
+        assert found, (prefix, [line for line in lines if "concilium_" in line and not line.startswith("#")])
+        return sum(found)
+
+    assert value('concilium_rejected_requests_total{code="missing_api_key",status="401"}') == 1
+    assert value('concilium_rejected_requests_total{code="invalid_api_key",status="401"}') == 1
+    assert value('concilium_rejected_requests_total{code="model_not_allowed",status="403"}') == 1
+    assert value('concilium_rejected_requests_total{code="rate_limit_exceeded",status="429"}') == 1
+    assert value('concilium_circuit_open{model="primary"}') == 1  # opened after its one failure
+    assert value('concilium_circuit_open{model="backup"}') == 0
+    assert value('concilium_key_spend_usd_total{key="alice"}') > 0
+    assert value('concilium_key_spend_usd_total{key="bob"}') > 0
