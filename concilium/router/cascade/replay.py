@@ -153,10 +153,11 @@ def policy_point(data, scorer_spec: Any, threshold: float | None, oof_accept) ->
 
 
 def format_rows(summary: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'row':<20} {'APGR':>13} {'CPT(50%)':>9} {'CPT(80%)':>9} {'cost-aware APGR':>16}"]
+    width = max(20, *(len(n) for n in summary))
+    lines = [f"{'row':<{width}} {'APGR':>13} {'CPT(50%)':>9} {'CPT(80%)':>9} {'cost-aware APGR':>16}"]
     for name, v in summary.items():
         ca = f"{v['cost_apgr']:.3f}" if "cost_apgr" in v else "-"
-        lines.append(f"{name:<20} {v['apgr']:.3f} ± {v['apgr_std']:.3f} {v['cpt50']:9.1%} {v['cpt80']:9.1%} {ca:>16}")
+        lines.append(f"{name:<{width}} {v['apgr']:.3f} ± {v['apgr_std']:.3f} {v['cpt50']:9.1%} {v['cpt80']:9.1%} {ca:>16}")
     return "\n".join(lines)
 
 
