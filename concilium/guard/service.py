@@ -22,12 +22,12 @@ from typing import Any
 
 from concilium.core.errors import APIError
 from concilium.core.plan import RoutePlan, Skipped
-from concilium.guard.cost import actual_cost, max_cost, prompt_tokens_bound
 from concilium.guard.keys import Key, KeyTable, Scope, default_key_file, merge, read_key_file
 from concilium.guard.store import NANO, Charge, Denied, ScopeUsage, Store, StoreUnavailable, Window
 from concilium.guard.store_memory import MemoryStore
 from concilium.policy.keys import KeysSection
 from concilium.policy.loader import PolicyError
+from concilium.policy.pricing import cost_nano, max_cost_nano, prompt_tokens_bound
 
 log = logging.getLogger("concilium.guard")
 RESERVATION_TTL_S = 3600.0  # a crashed replica's reservations lapse after this
@@ -136,7 +136,7 @@ class Ticket:
         reserve_top = max((c for m, c in self.costs.items() if m not in self.prior_costs), default=0)
         spent, tokens = 0, 0
         if outcome != "failed" and model is not None and model in self.specs:
-            cost = actual_cost(self.specs[model], usage, time.monotonic() - self.started, self.costs[model])
+            cost = cost_nano(self.specs[model], usage, time.monotonic() - self.started, self.costs[model])
             spent = self.costs[model] if cost is None else cost
             tokens = int((usage or {}).get("total_tokens") or 0) or (self.counted_tokens + self.out_tokens)
         elif outcome != "failed":  # charged at the reservation: every draft too
@@ -145,7 +145,7 @@ class Ticket:
         for c in prior:  # each call is paid once, at what it used (its reservation when it reported nothing)
             if c.model not in self.specs:
                 continue
-            cost = actual_cost(self.specs[c.model], c.usage, c.seconds, self.costs[c.model])
+            cost = cost_nano(self.specs[c.model], c.usage, c.seconds, self.costs[c.model])
             nano = self.costs[c.model] if cost is None else cost
             toks = int((c.usage or {}).get("total_tokens") or 0) or sum(
                 int((c.usage or {}).get(k) or 0) for k in ("prompt_tokens", "completion_tokens"))
@@ -297,13 +297,13 @@ class Guard:
         # A GPU-second price is bounded by the time every attempt on the model may take.
         seconds = {c.model: (c.timeout_s or plan.timeout_s or snap.policy.limits.default_timeout_s)
                    * (plan.retries + 1) for c in candidates}
-        all_costs = {m: max_cost(specs[m], prompt, out, seconds[m]) for m in specs}
+        all_costs = {m: max_cost_nano(specs[m], prompt, out, seconds[m]) for m in specs}
         # A cascade may pay every draft and then the priciest candidate: the worst case is their sum.
         drafts = [s.model for s in plan.cascade if s.action != "skip" and s.model not in specs]
         for m in drafts:
             specs[m] = snap.policy.models[m]
             t = snap.policy.models[m].timeout_s or plan.timeout_s or snap.policy.limits.default_timeout_s
-            all_costs[m] = max_cost(specs[m], prompt, out, t)
+            all_costs[m] = max_cost_nano(specs[m], prompt, out, t)
         prior_costs = {m: all_costs[m] for m in drafts}
         rid = plan.request_id + "-" + uuid.uuid4().hex[:8]
         dropped: list[Skipped] = []

@@ -27,10 +27,9 @@ import orjson
 
 from concilium.core.plan import CascadeStep, RoutePlan
 from concilium.policy.loader import PolicyError, format_loc
-from concilium.policy.pricing import usage_cost_usd
+from concilium.policy.pricing import cost_usd, estimated_usage
 from concilium.policy.schema import Policy
 from concilium.router.cascade import Scorer, ScorerSpecError, build_scorer, completion_text
-from concilium.router.objective import input_tokens
 from concilium.router.text import prompt_chars
 from concilium.specialists import call
 from concilium.specialists.base import ProviderError, chunk, sse_event
@@ -131,9 +130,7 @@ def draft_body(body: dict[str, Any], snap: Any, plan: RoutePlan) -> dict[str, An
 
 def estimated_prompt_usage(body: dict[str, Any]) -> dict[str, Any]:
     """What a call that was cancelled before it answered used: its prompt, estimated."""
-    n = len(body.get("messages") or [])
-    return {"prompt_tokens": round(input_tokens(prompt_chars(body), n)), "completion_tokens": 0,
-            "estimated": True}
+    return estimated_usage(prompt_chars(body), len(body.get("messages") or []))
 
 
 async def _cancel(task: asyncio.Task) -> None:
@@ -193,7 +190,7 @@ async def run(plan: RoutePlan, body: dict[str, Any], snap: Any,
         usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
         step.usage = usage
         spec = snap.policy.models.get(model)
-        step.cost_usd = usage_cost_usd(spec, usage) if spec is not None else None
+        step.cost_usd = cost_usd(spec, usage, step.latency_s) if spec is not None else None
         out.calls.append(Call(model, usage, step.latency_s))
         s0 = time.perf_counter()
         step.score = round(scorer.score_completion(body, result, samples=earlier, router_quality=step.router_quality)

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from concilium.policy import pricing
 from concilium.policy.loader import PolicyError, load_policy
-from concilium.policy.pricing import usage_cost_usd
 from concilium.policy.schema import Policy
 from concilium.specialists.call import CallContext
 from concilium.specialists.health import CircuitBreaker
@@ -60,9 +60,10 @@ class Snapshot:
     def context_limit(self, model: str) -> int | None:
         return self.registry.context_limit(model)
 
-    def cost_usd(self, model: str, usage: dict | None) -> float | None:
+    def cost_usd(self, model: str, usage: dict | None, seconds: float | None = None) -> float | None:
+        """What a finished call cost under this policy's prices (`seconds`: its wall time)."""
         spec = self.policy.models.get(model)
-        return usage_cost_usd(spec, usage) if spec is not None else None
+        return pricing.cost_usd(spec, usage, seconds) if spec is not None else None
 
 
 class PolicyState:

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from concilium.policy.pricing import estimate_usd, prompt_tokens
 from concilium.policy.schema import Objective, Policy
 from concilium.router.learned import Dispatcher
-from concilium.router.objective import est_cost, first_choice, input_tokens, requested_output_tokens
+from concilium.router.objective import first_choice, requested_output_tokens
 from concilium.router.priors import prior_quality, tier_of
 from concilium.router.text import prompt_chars, request_text
 
@@ -61,14 +62,14 @@ def prediction_matrix(
     for i, body in enumerate(bodies):
         probs = dict(zip(cats, cat[i].tolist(), strict=True))
         msgs = body.get("messages")
-        n_in = input_tokens(prompt_chars(body), len(msgs) if isinstance(msgs, list) else 1)
+        n_in = prompt_tokens(prompt_chars(body), len(msgs) if isinstance(msgs, list) else 1)
         req = requested_output_tokens(body)
         n_out = float(req) if req is not None else float(out_tok[i])
         for j, name in enumerate(candidates):
             spec = policy.models[name]
             idx = mapping.get(name)
             quality[i, j] = q_art[i, idx] if idx is not None else prior_quality(spec, probs, float(difficulty[i]))
-            cost[i, j] = est_cost(spec, n_in, n_out)
+            cost[i, j] = estimate_usd(spec, n_in, n_out)
     return quality, cost
 
 

@@ -14,12 +14,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from concilium.policy.pricing import CHARS_PER_TOKEN
 from concilium.router import categories as cat
 from concilium.router.labelled import LABELLED_SOURCES, read_labelled
 from concilium.router.outcomes import Outcome, OutcomeError, drop_prompts, iter_jsonl, prompt_key
 
-# Characters per token, for estimates where the data has no token counts.
-CHARS_PER_TOKEN = 4.0
 # Output tokens assumed for cost estimates when a data set has no responses.
 ASSUMED_OUTPUT_TOKENS = 256
 

@@ -20,8 +20,9 @@ from typing import Any, Protocol
 
 from concilium.core.plan import Candidate, CascadeStep, Prediction, RoutePlan, Skipped
 from concilium.policy.jobs import background_reason
+from concilium.policy.pricing import CHARS_PER_TOKEN, prompt_tokens
 from concilium.policy.schema import Match, Policy, Route
-from concilium.router.objective import CHARS_PER_TOKEN, input_tokens, requested_output_tokens
+from concilium.router.objective import requested_output_tokens
 from concilium.router.text import prompt_chars
 
 
@@ -81,7 +82,7 @@ def context_need(body: dict[str, Any]) -> tuple[int, int]:
     and without a tokenizer, so a huge prompt is refused before any model tokenises it."""
     messages = body.get("messages")
     n = len(messages) if isinstance(messages, list) else 1
-    return math.ceil(input_tokens(prompt_chars(body), n)), requested_output_tokens(body) or 0
+    return math.ceil(prompt_tokens(prompt_chars(body), n)), requested_output_tokens(body) or 0
 
 
 def _prompt_words(prompt: int) -> str:

@@ -18,14 +18,10 @@ from typing import Any
 import numpy as np
 
 from concilium.core.plan import Prediction
+from concilium.policy.pricing import estimate_usd, prompt_tokens
 from concilium.policy.schema import Policy, RouterConfig
 from concilium.router.artifact import DIFFICULTY_LABELS, Artifact, ArtifactError
-from concilium.router.objective import (
-    apply_objective,
-    est_cost,
-    input_tokens,
-    requested_output_tokens,
-)
+from concilium.router.objective import apply_objective, requested_output_tokens
 from concilium.router.predictor import Predictor
 from concilium.router.priors import prior_quality
 from concilium.router.text import prompt_chars, request_text
@@ -124,7 +120,7 @@ class Dispatcher:
         self, candidates: list[str], prediction: Prediction, policy: Policy, body: dict[str, Any]
     ) -> tuple[list[tuple[str, float, float, str]], float | None, str]:
         messages = body.get("messages")
-        n_in = input_tokens(prompt_chars(body), len(messages) if isinstance(messages, list) else 1)
+        n_in = prompt_tokens(prompt_chars(body), len(messages) if isinstance(messages, list) else 1)
         n_out = self.output_tokens(body, prediction, policy)
         items = []
         for name in candidates:
@@ -132,7 +128,7 @@ class Dispatcher:
             q = prediction.quality.get(name)
             if q is None:
                 q = prior_quality(spec, prediction.category_probs, prediction.difficulty or 0.5)
-            items.append((name, float(q), round(est_cost(spec, n_in, n_out), 10)))
+            items.append((name, float(q), round(estimate_usd(spec, n_in, n_out), 10)))
         return apply_objective(items, policy.router.objective)
 
 

@@ -14,14 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from concilium.policy.schema import ModelSpec, Objective
-
-CHARS_PER_TOKEN = 4.0
-TOKENS_PER_MESSAGE = 4  # role and separators
-
-
-def input_tokens(prompt_chars: int, n_messages: int) -> float:
-    return prompt_chars / CHARS_PER_TOKEN + TOKENS_PER_MESSAGE * max(n_messages, 1)
+from concilium.policy.schema import Objective
 
 
 def requested_output_tokens(body: dict[str, Any]) -> int | None:
@@ -30,12 +23,6 @@ def requested_output_tokens(body: dict[str, Any]) -> int | None:
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
-
-
-def est_cost(spec: ModelSpec, n_in: float, n_out: float) -> float:
-    if spec.max_output_tokens:
-        n_out = min(n_out, spec.max_output_tokens)
-    return (n_in * spec.price.input + n_out * spec.price.output) / 1e6
 
 
 Ranked = list[tuple[str, float, float, str]]

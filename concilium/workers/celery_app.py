@@ -109,7 +109,7 @@ def end_outside_run(job_id: str, error: dict[str, str]) -> None:
         return
 
     from concilium.policy.loader import PolicyError, load_policy
-    from concilium.policy.pricing import usage_cost_usd
+    from concilium.policy.pricing import cost_usd
     from concilium.settings import Settings
     from concilium.workers.store_redis import RedisJobStore
 
@@ -117,12 +117,12 @@ def end_outside_run(job_id: str, error: dict[str, str]) -> None:
     if not settings.redis_url:
         return
 
-    def cost(model: str, usage: dict | None) -> float | None:  # under the policy file as it is now
+    def cost(model: str, usage: dict | None, seconds: float | None = None) -> float | None:  # the file now
         try:
             spec = load_policy(settings.policy).models.get(model)
         except PolicyError:
             return None
-        return usage_cost_usd(spec, usage) if spec is not None else None
+        return cost_usd(spec, usage, seconds) if spec is not None else None
 
     async def go() -> None:
         store = RedisJobStore(settings.redis_url, env.key_prefix, env.redis_retry_s)

@@ -23,6 +23,8 @@ import orjson
 from concilium.core.plan import RoutePlan
 from concilium.pipeline import cascade
 from concilium.pipeline.state import Snapshot
+from concilium.policy.pricing import estimated_usage
+from concilium.router.text import prompt_chars
 from concilium.specialists import call
 from concilium.specialists.base import ProviderError
 from concilium.workers.config import JobsEnv
@@ -30,6 +32,8 @@ from concilium.workers.responses import OutputEvents, response_object
 from concilium.workers.store import JobStore
 
 log = logging.getLogger("concilium.workers")
+# What a call cost under the policy: (model, usage, wall seconds or None) -> USD (Snapshot.cost_usd).
+CostOf = Callable[[str, dict | None, float | None], float | None]
 
 
 @dataclass
@@ -52,16 +56,13 @@ class _Progress:
     fenced: bool = False
     model_noted: bool = False
     prior: list[Any] = field(default_factory=list)  # a cascade's other calls (drafts): billed with the job
+    seconds: float | None = None  # the answering call's wall time (what a GPU-second price charges)
 
 
 def estimate_usage(spec: dict[str, Any], text: str) -> dict[str, Any]:
-    """Token counts for a job that ended before its provider reported usage (about 4 chars a token)."""
-    chars = 0
-    for m in spec["body"].get("messages") or []:
-        c = m.get("content")
-        chars += len(c) if isinstance(c, str) else len(orjson.dumps(c or ""))
-    return {"prompt_tokens": max(1, round(chars / 4)), "completion_tokens": round(len(text) / 4),
-            "estimated": True}
+    """Token counts for a job that ended before its provider reported usage."""
+    body = spec["body"]
+    return estimated_usage(prompt_chars(body), len(body.get("messages") or []), text)
 
 
 def _text_of(events: list[Any]) -> str:
@@ -69,7 +70,7 @@ def _text_of(events: list[Any]) -> str:
 
 
 async def end_job(store: JobStore, job_id: str, record: dict[str, Any], status: str, *, text: str,
-                  model: str | None, usage: dict[str, Any] | None, cost: Callable[[str, dict], float | None] | None,
+                  model: str | None, usage: dict[str, Any] | None, cost: CostOf | None, seconds: float | None = None,
                   error: dict[str, str] | None = None, incomplete: dict[str, str] | None = None,
                   token: str | None = None, only_if: str | None = None,
                   out: OutputEvents | None = None, prior: list[Any] | None = None) -> bool:
@@ -84,10 +85,10 @@ async def end_job(store: JobStore, job_id: str, record: dict[str, Any], status: 
         seen = {e.type for e in await store.all_events(job_id)}
         out = OutputEvents.resume(job_id, seen)
     bill = None
-    calls = [{"model": c.model, "usage": c.usage, "cost_usd": cost(c.model, c.usage) if cost else None}
+    calls = [{"model": c.model, "usage": c.usage, "cost_usd": cost(c.model, c.usage, c.seconds) if cost else None}
              for c in prior or [] if c.usage]
     if (model and usage) or calls:
-        own = cost(model, usage) if cost and model and usage else None
+        own = cost(model, usage, seconds) if cost and model and usage else None
         total = None if own is None and not calls else (own or 0.0) + sum(c["cost_usd"] or 0.0 for c in calls)
         bill = {"owner": record.get("owner") or spec.get("owner"), "model": model, "route": spec["plan"]["route"],
                 "status": status, "usage": usage, "cost_usd": total}
@@ -100,7 +101,7 @@ async def end_job(store: JobStore, job_id: str, record: dict[str, Any], status: 
 
 async def end_from_events(store: JobStore, job_id: str, status: str, *, error: dict[str, str] | None = None,
                           incomplete: dict[str, str] | None = None,
-                          cost: Callable[[str, dict], float | None] | None = None,
+                          cost: CostOf | None = None,
                           only_if: str | None = None) -> bool:
     """End a job from outside its run (cancel before it started, a killed worker): the answer is
     what its events hold."""
@@ -165,9 +166,12 @@ class JobRunner:
         if spec.get("soft_timeout_s"):
             timers.append(loop.call_later(max(0.0, spec["soft_timeout_s"] - elapsed), _trigger, prog, stop, "soft"))
         watcher = asyncio.ensure_future(self._watch(job_id, token, prog, stop))
+        t_call = time.monotonic()
         try:
             await self._pump(job_id, token, spec, snap, out, prog, stop)
         finally:
+            if prog.seconds is None:
+                prog.seconds = time.monotonic() - t_call
             for t in timers:
                 t.cancel()
             watcher.cancel()
@@ -196,7 +200,8 @@ class JobRunner:
                    snap: Snapshot, error: dict | None = None, incomplete: dict | None = None) -> None:
         await end_job(self.store, job_id, record, status, text=prog.text, model=prog.model or record.get("model"),
                       usage=prog.usage if prog.stop_reason is None else None,
-                      cost=snap.cost_usd, error=error, incomplete=incomplete, token=token, out=out, prior=prog.prior)
+                      cost=snap.cost_usd, seconds=prog.seconds, error=error, incomplete=incomplete, token=token,
+                      out=out, prior=prog.prior)
 
     async def _watch(self, job_id: str, token: str, prog: _Progress, stop: asyncio.Event) -> None:
         """Wait for a cancel request, renewing the lease every third of it, until the run stops."""
@@ -236,6 +241,7 @@ class JobRunner:
                     return
                 if done.draft is not None:
                     prog.model = done.draft_model
+                    prog.seconds = next((c.seconds for c in done.calls if c.model == done.draft_model and c.ok), None)
                     for raw in cascade.completion_events(done.draft, want_usage=True)[:-1]:
                         if not await self._feed(job_id, token, raw.rstrip(b"\n"), out, prog):
                             return

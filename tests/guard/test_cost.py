@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from concilium.guard.cost import actual_cost, max_cost, prompt_tokens_bound
+from concilium.policy.pricing import cost_nano as actual_cost
+from concilium.policy.pricing import max_cost_nano as max_cost
+from concilium.policy.pricing import prompt_tokens_bound
 from concilium.policy.schema import ModelSpec
 
 

@@ -5,14 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from concilium.policy.pricing import estimate_usd as est_cost
+from concilium.policy.pricing import prompt_tokens as input_tokens
 from concilium.policy.schema import ModelSpec, Objective
-from concilium.router.objective import (
-    apply_objective,
-    est_cost,
-    first_choice,
-    input_tokens,
-    requested_output_tokens,
-)
+from concilium.router.objective import apply_objective, first_choice, requested_output_tokens
 
 ITEMS = [("cheap", 0.60, 0.001), ("mid", 0.80, 0.010), ("best", 0.90, 0.100)]
 
