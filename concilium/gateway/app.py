@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
     app.add_middleware(BodySizeLimit, limit=lambda: state.current.policy.limits.max_body_bytes)
     app.add_middleware(AuthMiddleware, guard=svc.guard, metrics=metrics)  # a request without a valid key goes no further
     app.add_middleware(messages.AnthropicErrors)  # /v1/messages answers every error in Anthropic's shape
-    app.add_middleware(RequestIdMiddleware)  # outermost: every response names its request id
+    app.add_middleware(RequestIdMiddleware, recent=svc.recent)  # outermost: every response names its request id
 
     metrics.watch_breakers(state)
 

@@ -41,9 +41,14 @@ def add_cost(scope: dict[str, Any], usd: float) -> None:
     state[COST] = state.get(COST, 0.0) + usd
 
 
+# Requests that answer (and so may get feedback), by path; answered means 200/202, or a model failed.
+ANSWERING = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages"})
+
+
 class RequestIdMiddleware:
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, recent: Any = None) -> None:
         self.app = app
+        self.recent = recent  # gateway.recent.RecentRequests: answered request ids, for /v1/feedback
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -57,12 +62,13 @@ class RequestIdMiddleware:
         if rid is None or not valid_request_id(rid.decode("latin-1")):
             rid = new_request_id().encode()
             scope["headers"] = [(k, v) for k, v in headers if k != _NAME] + [(_NAME, rid)]
+        recent = self.recent if scope["method"] == "POST" and scope["path"] in ANSWERING else None
         if not access.isEnabledFor(logging.INFO):
-            return await self.app(scope, receive, self._sender(send, rid, None))
+            return await self.app(scope, receive, self._sender(send, scope, rid, None, recent))
         t0 = time.perf_counter()
         seen: dict[bytes, Any] = {}
         try:
-            await self.app(scope, receive, self._sender(send, rid, seen))
+            await self.app(scope, receive, self._sender(send, scope, rid, seen, recent))
         except Exception:
             seen.setdefault(b"status", 500)  # answered by the server-error handler outside
             raise
@@ -70,9 +76,12 @@ class RequestIdMiddleware:
             self._log(scope, rid, seen, time.perf_counter() - t0)
 
     @staticmethod
-    def _sender(send: Any, rid: bytes, seen: dict[bytes, Any] | None) -> Any:
+    def _sender(send: Any, scope: dict[str, Any], rid: bytes, seen: dict[bytes, Any] | None, recent: Any) -> Any:
         async def send_with_id(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
+                if recent is not None and (message["status"] in (200, 202) or message["status"] >= 500):
+                    key = (scope.get("state") or {}).get(STATE_KEY)
+                    recent.add(rid.decode("latin-1"), key.name if key is not None else "")
                 out = message.get("headers") or []
                 named = False
                 for k, v in out:

@@ -21,6 +21,21 @@ def _store(request: Request) -> FeedbackStore:
     return request.app.state.services.feedback
 
 
+async def _check_owner(request: Request, rid: str) -> None:
+    """Feedback is for an answer this gateway gave, to the same key: an id that was never answered,
+    has been forgotten, or belongs to another key gets the same 404."""
+    try:
+        owner = await request.app.state.services.recent.owner(rid)
+    except Exception as e:
+        log.warning("recent request ids unavailable: %s", type(e).__name__)
+        raise APIError(503, "cannot check the request id right now; the record was not stored, retry later",
+                       code="feedback_unavailable") from None
+    key = getattr(request.state, "key", None)
+    if owner is None or owner != (key.name if key is not None else ""):
+        raise APIError(404, f"no recent request {rid!r} was answered for this key; feedback takes the "
+                       "x-request-id of one of its own answers", code="request_not_found", param="request_id")
+
+
 @router.post("/v1/feedback", summary="Score an answer (0..1) by its request id, with an optional comment")
 async def feedback(request: Request) -> Response:
     raw = await request.body()
@@ -34,6 +49,7 @@ async def feedback(request: Request) -> Response:
         fb = parse_feedback(body)
     except FeedbackError as e:
         raise APIError(400, str(e), param=e.param, code="invalid_request") from None
+    await _check_owner(request, fb.request_id)
     store = _store(request)
     try:
         await store.append(fb)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from concilium.gateway.metrics import Metrics
+from concilium.gateway.recent import RecentRequests
 from concilium.guard import logs, privacy
 from concilium.guard.service import Guard
 from concilium.pipeline.state import PolicyState
@@ -31,6 +32,7 @@ class Services:
     guard: Guard  # inactive (and never consulted) when the policy defines no keys
     jobs: JobService
     feedback: FeedbackStore
+    recent: RecentRequests  # request id -> key, for /v1/feedback
 
     @classmethod
     def build(cls, settings: Settings, policy_path: str) -> Services:
@@ -47,7 +49,7 @@ class Services:
             raise SystemExit(str(e)) from None
         jobs = JobService.for_gateway(settings.redis_url, snap.policy.jobs)
         feedback = open_store(settings.redis_url, settings.data_dir)
-        return cls(settings, metrics, policy, guard, jobs, feedback)
+        return cls(settings, metrics, policy, guard, jobs, feedback, RecentRequests(settings.redis_url))
 
     async def start(self) -> None:
         self.policy.start_background(self.settings.policy_watch_s)
@@ -55,7 +57,7 @@ class Services:
         await self.jobs.start(self.policy)
 
     async def close(self) -> None:
-        for part in (self.jobs, self.guard, self.feedback, self.policy):
+        for part in (self.jobs, self.guard, self.feedback, self.recent, self.policy):
             try:
                 await part.close()
             except Exception as e:  # one part failing to close must not keep the others open

@@ -215,3 +215,30 @@ def test_rejections_breaker_state_and_spend_per_key_are_metrics(upstream, tmp_pa
     assert value('concilium_circuit_open{model="backup"}') == 0
     assert value('concilium_key_spend_usd_total{key="alice"}') > 0
     assert value('concilium_key_spend_usd_total{key="bob"}') > 0
+
+
+def test_feedback_needs_a_request_the_caller_made(upstream, tmp_path):
+    from concilium.guard.keys import hash_key, new_key
+    from tests.support import start_gateway
+
+    alice, bob = new_key(), new_key()
+    policy = two_models(upstream.url) + (f"keys:\n  - name: alice\n    hash: {hash_key(alice)}\n"
+                                         f"  - name: bob\n    hash: {hash_key(bob)}\n")
+    gw = start_gateway(policy, tmp_path / "p.yaml")
+    try:
+        def feedback(key: str, rid: str):
+            status, _, raw = call(gw, "POST", "/v1/feedback", json.dumps({"request_id": rid, "score": 1}).encode(),
+                                  {"authorization": f"Bearer {key}", **JSON})
+            return status, json.loads(raw)
+
+        status, body = feedback(alice, "never-made")
+        assert status == 404 and body["error"]["param"] == "request_id" and "never-made" in body["error"]["message"]
+        raw = gw.client(api_key=alice).chat.completions.with_raw_response.create(model="concilium/auto", messages=MSG)
+        rid = raw.headers["x-request-id"]
+        assert feedback(bob, rid)[0] == 404  # another key's request: as if it did not exist
+        status, body = feedback(alice, rid)
+        assert status == 200 and body["request_id"] == rid
+        dry = call(gw, "POST", "/v1/route", CHAT, {"authorization": f"Bearer {alice}", **JSON})[1]["x-request-id"]
+        assert feedback(alice, dry)[0] == 404  # a dry run answered nothing
+    finally:
+        gw.stop()

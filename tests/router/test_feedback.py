@@ -112,8 +112,18 @@ def _app(tmp_path, redis_url=None):
     return create_app(settings)
 
 
+def _ask(client, rid: str) -> None:
+    """A chat request with this id (its model is unreachable: a 502, still an answer to score)."""
+    r = client.post("/v1/chat/completions", headers={"x-request-id": rid},
+                    json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code >= 500 and r.headers["x-request-id"] == rid
+
+
 def test_http_route_stores_and_rejects(tmp_path):
     with TestClient(_app(tmp_path)) as client:
+        unknown = client.post("/v1/feedback", json={"request_id": "abc", "score": 0.8})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "request_not_found"
+        _ask(client, "abc")
         r = client.post("/v1/feedback", json={"request_id": "abc", "score": 0.8, "comment": "good"})
         assert r.status_code == 200, r.text
         body = r.json()

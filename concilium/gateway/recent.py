@@ -1,0 +1,78 @@
+"""Who made each recent request: request id -> owner (the key's name), so that `/v1/feedback` only
+scores answers that were given, and only the caller's own.
+
+The last `size` ids are kept in process (an ordered dict: one insert per answered request). With
+Redis configured, each id is also written there for `ttl_s`, in batches off the request path, so
+feedback may reach any replica; a write that fails is logged and dropped (feedback for that id is
+then refused, never a request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+from concilium.core.redis import connect
+
+log = logging.getLogger("concilium.gateway")
+PREFIX = "concilium:rid:"
+SIZE = 100_000
+TTL_S = 7 * 86400.0
+
+
+class RecentRequests:
+    def __init__(self, redis_url: str | None = None, size: int = SIZE, ttl_s: float = TTL_S) -> None:
+        self.size = size
+        self.ttl_s = ttl_s
+        self._ids: OrderedDict[str, str] = OrderedDict()
+        self._redis = connect(redis_url) if redis_url else None
+        self._pending: list[tuple[str, str]] = []
+        self._flushing: asyncio.Future | None = None
+
+    def add(self, rid: str, owner: str) -> None:
+        """Record that `owner` ('' without keys) made request `rid` (called once per answered request)."""
+        ids = self._ids
+        ids[rid] = owner
+        if len(ids) > self.size:
+            ids.popitem(last=False)
+        if self._redis is not None:
+            self._pending.append((rid, owner))
+            if self._flushing is None:
+                self._flushing = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                pipe = self._redis.pipeline(transaction=False)
+                for rid, owner in batch:
+                    pipe.set(PREFIX + rid, owner, ex=int(self.ttl_s))
+                await pipe.execute()
+        except Exception as e:
+            log.warning("recent request ids not written to Redis (%s): feedback on them will be refused",
+                        type(e).__name__)
+            self._pending.clear()
+        finally:
+            self._flushing = None
+
+    async def flushed(self) -> None:
+        """Wait until every id added so far is written (tests, shutdown)."""
+        while self._flushing is not None:
+            await asyncio.shield(self._flushing)
+
+    async def owner(self, rid: str) -> str | None:
+        """Who made `rid`, or None when it is not a recent request. Raises when Redis cannot say."""
+        owner = self._ids.get(rid)
+        if owner is None and self._redis is not None:
+            value = await self._redis.get(PREFIX + rid)
+            owner = value.decode() if value is not None else None
+        return owner
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            try:
+                await asyncio.wait_for(self.flushed(), 2.0)
+            except (TimeoutError, Exception):
+                pass
+            await self._redis.aclose()
