@@ -12,6 +12,7 @@ See docs/jobs.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -282,6 +283,14 @@ def chat_takes(body: dict[str, Any]) -> bool:
     return not (body.get("tools") or body.get("functions"))
 
 
+def _reported(snap: Snapshot, model: str) -> str:
+    """The `model` field of a chat that `model` answered at once: an upstream's own model id (what
+    the gateway sent it, and what it echoes), a local model's policy name. Job-diverted chats say
+    the same."""
+    spec = snap.policy.models.get(model)
+    return spec.model if spec is not None and spec.provider != "local" and spec.model else model
+
+
 async def divert_chat(request: Request, body: dict[str, Any], plan: RoutePlan, snap: Snapshot) -> Response:
     service = _service(request)
     tmpl = template({**body, "background": True}, body["model"], time.time())
@@ -290,7 +299,8 @@ async def divert_chat(request: Request, body: dict[str, Any], plan: RoutePlan, s
     headers = {**plan_headers(plan), "x-concilium-job-id": job_id}
     if body.get("stream"):
         want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return StreamingResponse(_chunks(service, job_id, model, want_usage), media_type="text/event-stream",
+        return StreamingResponse(_chunks(service, job_id, functools.partial(_reported, snap), want_usage),
+                                 media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})
     wait_s = snap.policy.jobs.chat_wait_s
     rec = await _wait_or_disconnect(request, service, job_id, wait_s)
@@ -309,30 +319,41 @@ async def divert_chat(request: Request, body: dict[str, Any], plan: RoutePlan, s
         err = result.get("error") or {"code": "cancelled", "message": "the job was cancelled"}
         raise APIError(502 if rec["status"] == "failed" else 409, f"background job {job_id} {rec['status']}: "
                        f"{err.get('message')}", code=err.get("code"), headers=headers)
-    out = completion("chatcmpl-" + job_id.removeprefix("resp_"), result.get("model") or model,
+    out = completion("chatcmpl-" + job_id.removeprefix("resp_"), _reported(snap, result.get("model") or model),
                      result.get("text") or "", _finish_reason(rec["status"]), _chat_usage(result.get("usage")),
                      created=rec["spec"]["response"]["created_at"])
     return _json(out, headers={**headers, "x-concilium-model": header_value(str(result.get("model") or model))})
 
-async def _chunks(service: JobService, job_id: str, model: str, want_usage: bool) -> AsyncIterator[bytes]:
+async def _chunks(service: JobService, job_id: str, answered: Callable[[str], str],
+                  want_usage: bool) -> AsyncIterator[bytes]:
     try:
-        async for piece in _chunks_of(service, job_id, model, want_usage):
+        async for piece in _chunks_of(service, job_id, answered, want_usage):
             yield piece
     except StoreUnavailable as e:
         yield sse_error(f"the job queue is unavailable: {e}; the job goes on: GET /v1/responses/{job_id}",
                         code="queue_unavailable")
 
-async def _chunks_of(service: JobService, job_id: str, model: str, want_usage: bool) -> AsyncIterator[bytes]:
+async def _chunks_of(service: JobService, job_id: str, answered: Callable[[str], str],
+                     want_usage: bool) -> AsyncIterator[bytes]:
+    """The job's events as chat chunks. They name the model that answers (the job knows it once the
+    first text arrives, a fallback included), so the first chunk waits for it."""
     cid, created = "chatcmpl-" + job_id.removeprefix("resp_"), int(time.time())
-    yield sse_event(chunk(cid, model, created, {"role": "assistant", "content": ""}))
+    model: str | None = None
     async for e in service.events(job_id):
         if e is None:
             yield _KEEPALIVE
         elif e.type == "response.output_text.delta":
+            if model is None:
+                rec = await service.store.get(job_id)
+                model = answered(str((rec or {}).get("model") or ""))
+                yield sse_event(chunk(cid, model, created, {"role": "assistant", "content": ""}))
             yield sse_event(chunk(cid, model, created, {"content": e.json()["delta"]}))
         elif e.type in TERMINAL_EVENT_TYPES:
             resp = e.json()["response"]
             status = resp["status"]
+            if model is None and status not in ("failed", "cancelled"):
+                model = answered(str(resp.get("model") or ""))
+                yield sse_event(chunk(cid, model, created, {"role": "assistant", "content": ""}))
             if status in ("failed", "cancelled"):
                 err = resp.get("error") or {"code": "cancelled", "message": "the job was cancelled"}
                 yield sse_error(f"background job {job_id} {status}: {err.get('message')}", code=err.get("code"))
