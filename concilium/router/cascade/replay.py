@@ -53,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated: scores (the records' own), routellm, numeric (need `reference`)")
     r.add_argument("--folds", type=int, default=5)
     r.add_argument("--seeds", default="0,1,2", help="comma-separated fold seeds")
+    r.add_argument("--through-gateway", action="store_true",
+                   help="also run the cascade through a real gateway (one per fold) against a replay upstream")
     r.add_argument("--gateway", metavar="URL",
                    help="also send every prompt through this running gateway (see gateway_replay)")
     r.add_argument("--model", default="concilium/auto", help="the model name sent to --gateway")
@@ -190,6 +192,22 @@ def plot_curves(results: dict[str, Any], datas: dict[str, Any], path: Path) -> P
     return path
 
 
+def through_gateway_row(data, k: int, seed: int, offline_accept) -> dict[str, Any]:
+    """The verifier row measured through the real gateway (`gateway_kfold_scores`), beside the
+    offline out-of-fold scores of the same folds."""
+    import numpy as np
+
+    from concilium.router.cascade.evaluate import row_metrics
+
+    g = gateway_kfold_scores(data, k=k, seed=seed)
+    sc = g.pop("scores")
+    ok = ~np.isnan(sc)
+    out = row_metrics(-np.where(ok, sc, 0.0), data)
+    out.update(g)
+    out["max_abs_diff_vs_offline"] = float(np.abs(sc[ok] - offline_accept[ok]).max()) if ok.any() else None
+    return out
+
+
 def gateway_replay(gateway_url: str, records, model: str = "concilium/auto", api_key: str = "replay",
                    grading: str = "scores", stream: bool = False) -> dict[str, Any]:
     """Send every record's prompt through a running gateway with the openai SDK; score the answer
@@ -279,6 +297,11 @@ def _replay(args: argparse.Namespace) -> int:
         out["gradings"][g] = {"n": res.n, "quality_weak": float(data.weak.mean()),
                               "quality_strong": float(data.strong_q.mean()), "rows": summary,
                               "policy_point": point, "thresholds": threshold_table(accept, data)}
+        if args.through_gateway:
+            out["gradings"][g]["through_gateway"] = through_gateway_row(data, args.folds, seeds[0], -res.oof["verifier"])
+            tg = out["gradings"][g]["through_gateway"]
+            print(f"through the gateway (seed {seeds[0]}): APGR {tg['apgr']:.3f}, CPT(80%) {tg['cpt80']:.1%}, "
+                  f"max |score - offline| {tg['max_abs_diff_vs_offline']:.4f}, request p50 {tg['latency_p50_ms']:.1f} ms")
     if not results:
         return _fail("no grading could be evaluated on these records")
     if args.gateway:
@@ -291,3 +314,132 @@ def _replay(args: argparse.Namespace) -> int:
         (folder / "replay.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {folder / 'replay.json'} and {plot_curves(results, datas, folder / 'replay.png')}")
     return 0
+
+
+# --- the whole cascade through the real gateway ----------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], ready_url: str, log: Path, timeout: float = 90.0):
+    """Start a process and poll `ready_url` until it answers 200 (a readiness check, not a sleep)."""
+    import os
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[2:4]} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(ready_url, timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.05)
+    proc.terminate()
+    raise TimeoutError(f"{ready_url} not ready after {timeout}s: {log.read_text()[-2000:]}")
+
+
+def _stop(proc) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+CASCADE_POLICY = """version: 1
+models:
+  draft: {{provider: openai, base_url: "{url}/v1", model: "{draft}", price: {{input: {p_draft[0]}, output: {p_draft[1]}}}}}
+  strong: {{provider: openai, base_url: "{url}/v1", model: "{strong}", price: {{input: {p_strong[0]}, output: {p_strong[1]}}}}}
+routes:
+  - name: replay
+    targets: [strong]
+    rank: false
+    strategy: cascade
+    cascade: {{drafts: [draft], scorer: {{name: verifier, artifact: "{artifact}"}}, threshold: 1.0}}
+retry: {{attempts: 0, backoff_s: 0.01, backoff_max_s: 0.05}}
+"""
+
+
+def gateway_kfold_scores(data, config=None, k: int = 5, seed: int = 0, workdir: str | Path | None = None,
+                         on_fold=None) -> dict[str, Any]:
+    """The cascade decision made by the real gateway, k-fold: per fold, a verifier fitted on the
+    other folds' drafts is written to disk, a gateway is started with a `strategy: cascade` policy
+    using it (threshold 1.0: every draft is scored and escalated, so one pass gives every score)
+    against a replay upstream serving the records, and each held-out prompt is sent with the openai
+    SDK and `x-concilium-explain: true`. Returns the per-prompt draft scores the gateway computed
+    (NaN where a request failed), the latency of each request, and the failures; the threshold
+    sweep over those scores is the same curve a run per threshold would trace."""
+    import sys
+    import tempfile
+    import time
+
+    import numpy as np
+    from openai import OpenAI
+
+    from concilium.router.cascade.evaluate import folds
+    from concilium.router.cascade.verifier import VerifierConfig, featurise, fit_features
+    from concilium.router.outcomes import write_outcomes
+
+    cfg = config or VerifierConfig()
+    tmp = Path(workdir or tempfile.mkdtemp(prefix="concilium-replay-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_outcomes(data.records, tmp / "records.jsonl")
+    x = featurise(data.prompts, data.answers, cfg)
+    up_port = _free_port()
+    upstream = _start([sys.executable, "-m", "concilium.testing.replay_upstream", "--outcomes", str(tmp / "records.jsonl"),
+                       "--port", str(up_port)], f"http://127.0.0.1:{up_port}/_control/stats", tmp / "upstream.log")
+    scores = np.full(len(data.weak), np.nan)
+    latency_ms: list[float] = []
+    failed = 0
+    prices = {"p_draft": (0.0, 0.0), "p_strong": (0.0, 0.0)}
+    try:
+        for j, (tr, te) in enumerate(folds(len(data.weak), k, seed)):
+            art = tmp / f"verifier-fold{j}"
+            fit_features(x[tr], data.weak[tr], None, cfg).save(art)
+            policy = tmp / f"policy-fold{j}.yaml"
+            policy.write_text(CASCADE_POLICY.format(url=f"http://127.0.0.1:{up_port}", draft=data.draft,
+                                                    strong=data.strong, artifact=art, **prices))
+            gw_port = _free_port()
+            gw = _start([sys.executable, "-m", "concilium.cli", "serve", "--policy", str(policy), "--port", str(gw_port),
+                         "--log-level", "warning"], f"http://127.0.0.1:{gw_port}/readyz", tmp / f"gateway-fold{j}.log")
+            try:
+                client = OpenAI(base_url=f"http://127.0.0.1:{gw_port}/v1", api_key="replay", max_retries=0, timeout=60)
+                for i in te:
+                    t0 = time.perf_counter()
+                    try:
+                        raw = client.chat.completions.with_raw_response.create(
+                            model="concilium/auto", messages=[{"role": "user", "content": data.prompts[i]}],
+                            extra_headers={"x-concilium-explain": "true"})
+                        body = json.loads(raw.http_response.text)
+                        steps = (body.get("concilium") or {}).get("cascade") or []
+                        scored = [s for s in steps if s.get("score") is not None]
+                        if scored:
+                            scores[i] = float(scored[0]["score"])
+                        else:
+                            failed += 1
+                    except Exception:  # noqa: BLE001 - counted; the replay goes on
+                        failed += 1
+                    latency_ms.append((time.perf_counter() - t0) * 1e3)
+            finally:
+                _stop(gw)
+            if on_fold:
+                on_fold(j)
+    finally:
+        _stop(upstream)
+    lat = np.array(latency_ms) if latency_ms else np.zeros(1)
+    return {"scores": scores, "failed": failed, "requests": len(latency_ms),
+            "latency_p50_ms": float(np.percentile(lat, 50)), "latency_p99_ms": float(np.percentile(lat, 99))}
