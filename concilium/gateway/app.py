@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from concilium import __version__
-from concilium.gateway import anthropic, messages, routes_feedback, routes_jobs, routes_usage
+from concilium.gateway import anthropic, embeddings, messages, routes_feedback, routes_jobs, routes_usage
 from concilium.gateway.auth import AuthMiddleware
 from concilium.gateway.chat import chat_completions
 from concilium.gateway.errors import APIError, error_response
@@ -91,6 +91,9 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
     app.add_api_route(messages.PATH, messages.create_message, methods=["POST"],
                       openapi_extra=body_schema(anthropic.MessagesRequest),
                       summary="Create a message (Anthropic Messages API), answered by the chat pipeline")
+    app.add_api_route("/v1/embeddings", embeddings.create_embeddings, methods=["POST"],
+                      openapi_extra=body_schema(embeddings.EmbeddingRequest),
+                      summary="Create embeddings (OpenAI-compatible) with a model the policy marks `kind: embedding`")
     app.add_api_route(messages.PATH + "/count_tokens", messages.count_tokens, methods=["POST"],
                       openapi_extra=body_schema(anthropic.CountTokensRequest),
                       summary="Estimate a message request's input tokens (from its length, no tokenizer)")

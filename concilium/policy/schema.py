@@ -60,6 +60,8 @@ class Price(_Strict):
 
 class ModelSpec(_Strict):
     provider: ProviderKind
+    # `chat` models answer chat requests and routes; `embedding` models answer POST /v1/embeddings only.
+    kind: Literal["chat", "embedding"] = "chat"
     # Upstream model id (openai/litellm), or a path / built-in name for `local`.
     model: str
     base_url: str | None = None  # openai-compatible endpoint, e.g. https://api.openai.com/v1
@@ -328,6 +330,19 @@ def reference_problems(policy: Policy, skip: frozenset[int | str] = frozenset())
             if other not in models:
                 problems.append((("models", name, "fallbacks", j),
                                  f"unknown model {other!r}; defined models: {', '.join(sorted(models))}"))
+    embedding = {n for n, spec in models.items() if spec is not None and spec.kind == "embedding"}
+    for i, route in enumerate(policy.routes):
+        named = [("targets", j, n) for j, n in enumerate(route.targets)]
+        named += [("fallbacks", j, n) for j, n in enumerate(route.fallbacks)]
+        named += [("cascade", "drafts", j, n) for j, n in enumerate(route.cascade.drafts if route.cascade else [])]
+        for *where, n in named:
+            if n in embedding:
+                problems.append((("routes", i, *where), f"{n!r} is an embedding model; routes answer chat "
+                                 "requests (embedding models answer POST /v1/embeddings by name)"))
+    for name in embedding:
+        if models[name].fallbacks:
+            problems.append((("models", name, "fallbacks"), "an embedding model takes no fallbacks: vectors "
+                             "from another model cannot be compared with its own"))
     for vm in virtual:
         if vm in models:
             problems.append((("router", "virtual_models"), f"{vm!r} is also a model name"))

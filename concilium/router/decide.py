@@ -196,6 +196,9 @@ def decide(
         requested = policy.aliases[requested]
 
     asked = _request_fallbacks(body, policy)
+    if requested in policy.models and policy.models[requested].kind == "embedding":
+        raise DecisionError(f"{requested!r} is an embedding model; it answers POST /v1/embeddings, not chat",
+                            code="model_not_supported")
     if requested in policy.models:
         # The first route listing the model decides only whether it runs as a background job.
         base_route: Route | None = next((r for r in policy.routes if requested in r.targets[:1]), None)
@@ -344,3 +347,35 @@ def decide(
         scorer=({"spec": cascade.scorer} if steps and cascade is not None else None),
         escalation_p=escalation_p,
     )
+
+
+def decide_embeddings(body: dict[str, Any], policy: Policy, *, availability: Availability | None = None,
+                      request_id: str | None = None) -> RoutePlan:
+    """The plan of an embeddings request: the named embedding model (or alias) and no other, since
+    vectors from another model cannot be compared with its own; its own timeout and the policy's
+    retries. A virtual model or a chat model is a 400 listing the embedding models."""
+    requested = body.get("model")
+    embedding = sorted(n for n, s in policy.models.items() if s.kind == "embedding")
+    listed = ", ".join(embedding) or "none: mark one with `kind: embedding`"
+    if not isinstance(requested, str) or not requested:
+        raise DecisionError(f"'model' is required: an embedding model ({listed})", code="invalid_request")
+    reasons = []
+    if requested in policy.aliases:
+        reasons.append(f"alias {requested} -> {policy.aliases[requested]}")
+        requested = policy.aliases[requested]
+    spec = policy.models.get(requested)
+    if spec is None or spec.kind != "embedding":
+        what = ("a virtual model" if requested in policy.router.virtual_models else
+                "a chat model" if spec is not None else None)
+        if what is None:
+            raise DecisionError(f"The model {requested!r} does not exist; embedding models: {listed}",
+                                status=404, code="model_not_found")
+        raise DecisionError(f"{requested!r} is {what}; embeddings come from an embedding model: {listed}",
+                            code="model_not_supported")
+    why = availability(requested) if availability else None
+    cand = Candidate(model=requested, provider=spec.provider, timeout_s=spec.timeout_s, reason="target")
+    reasons.insert(0, f"skipped {requested} ({why})" if why else f"chose {requested}")
+    return RoutePlan(request_id=request_id or uuid.uuid4().hex, requested_model=requested, route="pinned",
+                     candidates=[] if why else [cand], skipped=[Skipped(model=requested, reason=why)] if why else [],
+                     reasons=reasons, rule=f"client asked for {requested}",
+                     timeout_s=policy.limits.default_timeout_s, retries=policy.retry.attempts)

@@ -98,6 +98,12 @@ class Provider(ABC):
     def stream(self, body: dict[str, Any], *, timeout: float) -> AsyncIterator[bytes]:
         """Streaming chat completion; yields SSE events (bytes), without the final [DONE]."""
 
+    async def embed(self, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        """Embeddings (`kind: embedding` models): an OpenAI embeddings request (`input`, optional
+        `dimensions`, `encoding_format`, `user`) -> an OpenAI `list` of `embedding` objects with usage."""
+        raise ProviderError(f"{self.name}: this provider does not serve embeddings", status=400,
+                            retryable=False, code="model_not_supported")
+
 
 def sse_event(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"

@@ -175,3 +175,11 @@ async def stream(plan: RoutePlan, body: dict[str, Any], ctx: CallContext) -> Str
 
     model, (first, rest), attempts = await _attempts(plan, ctx, run)
     return StreamHandle(model=model, first=first, rest=rest, attempts=attempts)
+
+
+async def embed(plan: RoutePlan, body: dict[str, Any], ctx: CallContext) -> tuple[str, dict, list[Attempt]]:
+    """An embeddings request, with the same retries and circuit breaker as a chat call."""
+    async def run(p: Provider, timeout: float) -> dict:
+        return await p.embed(body, timeout=timeout)
+
+    return await _attempts(plan, ctx, run)

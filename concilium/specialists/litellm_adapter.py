@@ -96,6 +96,23 @@ class LiteLLMProvider(Provider):
         out.setdefault("created", int(time.time()))
         return out
 
+    async def embed(self, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        if self._litellm is None:
+            await self.start()
+        kw: dict[str, Any] = {k: body[k] for k in ("input", "dimensions", "encoding_format", "user")
+                              if body.get(k) is not None}
+        kw.update(model=self.spec.model, timeout=timeout, num_retries=0)
+        kw.update(self.spec.options)
+        if self.spec.base_url:
+            kw["api_base"] = self.spec.base_url
+        if self.spec.api_key_env:
+            kw["api_key"] = os.environ.get(self.spec.api_key_env)
+        try:
+            resp = await self._litellm.aembedding(**kw)
+        except Exception as e:  # litellm raises its own exception tree
+            raise _to_provider_error(self.name, e) from None
+        return resp.model_dump()
+
     async def stream(self, body: dict[str, Any], *, timeout: float) -> AsyncIterator[bytes]:
         if self._litellm is None:
             await self.start()

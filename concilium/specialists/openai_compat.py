@@ -21,6 +21,8 @@ from concilium.specialists.base import CONTEXT_LENGTH_EXCEEDED, Provider, Provid
 _END_WAIT_S = 0.25
 # Gateway-level fields an upstream would reject.
 _GATEWAY_ONLY = ("metadata", "background", "user_tags", "fallbacks", "models")
+# What an embeddings request passes upstream.
+_EMBED_FIELDS = ("input", "encoding_format", "dimensions", "user")
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -202,6 +204,29 @@ class OpenAICompatProvider(Provider):
             raise ProviderError(f"{self.name}: upstream sent invalid JSON", code="bad_upstream_json") from None
         if not isinstance(out, dict) or not isinstance(out.get("choices"), list):
             raise ProviderError(f"{self.name}: upstream response has no choices", code="bad_upstream_json")
+        return out
+
+    async def embed(self, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        payload = {k: body[k] for k in _EMBED_FIELDS if body.get(k) is not None}
+        payload["model"] = self.spec.model
+        _, headers = self._request({}, stream=False)
+        url = self.spec.base_url.rstrip("/") + "/embeddings"
+        try:
+            async with self._get_session().post(url, data=orjson.dumps(payload), headers=headers,
+                                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                if resp.status != 200:
+                    raise await error_from_response(resp, self.name)
+                raw = await resp.read()
+        except TimeoutError:
+            raise ProviderError(f"{self.name}: timed out after {timeout:g}s", status=504, code="timeout") from None
+        except aiohttp.ClientError as e:
+            raise ProviderError(f"{self.name}: connection failed: {describe(e)}", code="connection_error") from None
+        try:
+            out = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise ProviderError(f"{self.name}: upstream sent invalid JSON", code="bad_upstream_json") from None
+        if not isinstance(out, dict) or not isinstance(out.get("data"), list):
+            raise ProviderError(f"{self.name}: upstream response has no data", code="bad_upstream_json")
         return out
 
     def stream(self, body: dict[str, Any], *, timeout: float) -> SSEEvents:

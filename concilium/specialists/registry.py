@@ -21,6 +21,10 @@ def make_provider(name: str, spec: ModelSpec) -> Provider:
         from concilium.specialists.litellm_adapter import LiteLLMProvider
 
         return LiteLLMProvider(name, spec)
+    if spec.provider == "local" and spec.kind == "embedding":
+        from concilium.specialists.local_embedding import LocalEmbeddingProvider
+
+        return LocalEmbeddingProvider(name, spec)
     if spec.provider == "local":
         from concilium.specialists.local import LocalProvider
 

@@ -15,6 +15,8 @@ Faults, per upstream model id, come from a script (consumed one per request) or 
   {"tool_call": {"name": "f", "arguments": {...}}}   answer by calling that tool (finish_reason tool_calls)
 Random chaos (`/_control/chaos`) picks among 500, 429, slow and dropped streams with given odds.
 
+POST /v1/embeddings answers deterministic unit vectors (`fake_vector`), with the same faults.
+
 Control endpoints: POST /_control/script {"model", "faults": [...]}, POST /_control/default
 {"model", "fault"}, POST /_control/chaos {"p_500", "p_429", "p_slow", "p_drop", "slow_s", "seed"},
 POST /_control/reset, GET /_control/stats.
@@ -220,6 +222,51 @@ async def _tool_call(request: web.Request, up: Upstream, body: dict, model: str,
     return resp
 
 
+def fake_vector(text: str, dims: int) -> list[float]:
+    """A deterministic unit vector for `text` (the same text always gets the same vector)."""
+    import hashlib
+    import math
+
+    raw = hashlib.sha256(text.encode()).digest() * (dims // 32 + 1)
+    v = [b / 255.0 - 0.5 for b in raw[:dims]]
+    n = math.sqrt(sum(x * x for x in v)) or 1.0
+    return [x / n for x in v]
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """OpenAI embeddings: `dimensions` (default 8) floats per input, base64 when asked; faults apply."""
+    up: Upstream = request.app["upstream"]
+    st = up.stats
+    body = orjson.loads(await request.read())
+    model = str(body.get("model", ""))
+    st["requests"] += 1
+    st["by_model"][model] += 1
+    st["last_body"] = body
+    fault = up.fault_for(model)
+    if fault.get("delay_s"):
+        await asyncio.sleep(float(fault["delay_s"]))
+    if int(fault.get("status", 200)) != 200:
+        headers = {"retry-after": str(fault["retry_after"])} if "retry_after" in fault else None
+        return _error(int(fault["status"]), f"injected {fault['status']}", headers, fault.get("code"))
+    inputs = body.get("input")
+    inputs = [inputs] if isinstance(inputs, str) or (isinstance(inputs, list) and inputs
+                                                      and isinstance(inputs[0], int)) else inputs
+    data = []
+    for i, x in enumerate(inputs):
+        vec = fake_vector(x if isinstance(x, str) else " ".join(map(str, x)), int(body.get("dimensions") or 8))
+        if body.get("encoding_format") == "base64":
+            import base64
+            import struct
+
+            vec = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": vec})
+    tokens = sum(len(x.split()) if isinstance(x, str) else len(x) for x in inputs)
+    st["completed"] += 1
+    return web.Response(body=orjson.dumps({"object": "list", "data": data, "model": model,
+                                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
+                        content_type="application/json")
+
+
 async def control(request: web.Request) -> web.Response:
     up: Upstream = request.app["upstream"]
     what = request.match_info["what"]
@@ -248,6 +295,7 @@ def make_app(chunks: int = 13) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app["upstream"] = Upstream(chunks)
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
     app.router.add_route("*", "/_control/{what}", control)
     return app
