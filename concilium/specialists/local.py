@@ -19,20 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from concilium.specialists.base import (
-    Provider,
-    ProviderError,
-    chunk,
-    completion,
-    new_completion_id,
-    sse_event,
-    usage_dict,
-)
+from concilium.specialists.base import Provider, ProviderError
 
 DEFAULT_MAX_SEQ_LEN = 2048
 log = logging.getLogger("concilium.providers")
@@ -64,7 +55,7 @@ class LocalProvider(Provider):
         return self._load_error
 
     def unsupported(self, body: dict[str, Any]) -> tuple[str, str] | None:
-        from concilium.specialists.runtime.openai_request import unsupported_feature
+        from concilium.specialists.runtime.openai_adapter import unsupported_feature
 
         err = unsupported_feature(body)
         return None if err is None else (err.param or "", err.message)
@@ -140,25 +131,13 @@ class LocalProvider(Provider):
             raise ProviderError(self._load_error, status=503, retryable=False) from e
 
     async def _events(self, body: dict[str, Any], timeout: float) -> AsyncIterator[Any]:
-        from concilium.specialists.runtime.openai_request import (
-            RequestError,
-            prompt_ids,
-            sampling_params,
-            unsupported_feature,
-        )
+        from concilium.specialists.runtime.openai_adapter import RequestError, engine_request
 
         await self.start()
         engine = self._engine
         try:
-            if (err := unsupported_feature(body)) is not None:
-                raise err
-            params = sampling_params(
-                body,
-                default_max_tokens=256,
-                max_tokens_cap=self.spec.max_output_tokens or 1024,
-                vocab_size=engine.model.cfg.vocab_size,
-            )
-            ids = prompt_ids(body, engine.tokenizer)
+            req = engine_request(body, engine, default_max_tokens=256,
+                                 max_tokens_cap=self.spec.max_output_tokens or 1024)
         except RequestError as e:
             raise ProviderError(
                 f"{self.name}: {e.message}",
@@ -167,18 +146,9 @@ class LocalProvider(Provider):
                 type="invalid_request_error",
                 code=e.code,
                 param=e.param,
+                fallback=e.code == "context_length_exceeded",  # another model with a longer context may take it
             ) from None
-        room = engine.max_seq_len - len(ids)
-        if room < 1:  # another model with a longer context may take it
-            raise ProviderError(
-                f"{self.name}: the prompt has {len(ids)} tokens; the local context is {engine.max_seq_len}",
-                status=400,
-                retryable=False,
-                fallback=True,
-                code="context_length_exceeded",
-            )
-        params.max_tokens = min(params.max_tokens, room)
-        events = engine.stream(ids, params)
+        events = engine.stream(req.ids, req.params)
         try:
             while True:
                 try:
@@ -195,41 +165,19 @@ class LocalProvider(Provider):
         finally:
             await events.aclose()  # a disconnected client or an error leaves the batch at once
 
-    async def complete(self, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-        from concilium.specialists.runtime.logprobs import choice_logprobs
+    def _answer(self) -> Any:
+        from concilium.specialists.runtime.openai_adapter import Answer
 
-        parts: list[str] = []
-        lps: list[Any] | None = None
-        last = None
-        async for ev in self._events(body, timeout):
-            parts.append(ev.text)
-            if ev.logprobs is not None:
-                lps = lps if lps is not None else []
-                lps.extend(ev.logprobs)
-            last = ev
-        assert last is not None
-        usage = usage_dict(last.prompt_tokens, last.completion_tokens)
-        out = completion(new_completion_id(), self.name, "".join(parts), last.finish_reason, usage)
-        if lps is not None:
-            out["choices"][0]["logprobs"] = choice_logprobs(self._engine.tokenizer, lps)
-        return out
+        return Answer(self.name, self._engine.tokenizer)  # streams always end with usage: the gateway reads it
+
+    async def complete(self, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        events = [ev async for ev in self._events(body, timeout)]
+        return self._answer().completion(events)
 
     async def stream(self, body: dict[str, Any], *, timeout: float) -> AsyncIterator[bytes]:
-        from concilium.specialists.runtime.logprobs import choice_logprobs
-
-        cid, created = new_completion_id(), int(time.time())
-        yield sse_event(chunk(cid, self.name, created, {"role": "assistant", "content": ""}))
-        pending: list[Any] = []  # log-probs of tokens whose text is still held back
+        await self.start()  # the answer needs the engine's tokenizer (for log-probs)
+        answer = self._answer()
+        yield answer.opening()
         async for ev in self._events(body, timeout):
-            if ev.logprobs:
-                pending.extend(ev.logprobs)
-            if ev.text or (pending and ev.finish_reason is not None):
-                out = chunk(cid, self.name, created, {"content": ev.text} if ev.text else {})
-                if ev.logprobs is not None:  # the tokens this text came from
-                    out["choices"][0]["logprobs"] = choice_logprobs(self._engine.tokenizer, pending)
-                    pending = []
-                yield sse_event(out)
-            if ev.finish_reason is not None:
-                usage = usage_dict(ev.prompt_tokens, ev.completion_tokens)
-                yield sse_event(chunk(cid, self.name, created, {}, finish_reason=ev.finish_reason))
-                yield sse_event(chunk(cid, self.name, created, None, usage=usage))
+            for out in answer.chunks(ev):
+                yield out

@@ -15,7 +15,9 @@ Where things are:
   engine.py        continuous batching, async streaming; cuda_graphs.py: captured decode steps
   memory.py        parameter and memory accounting, refusal when a model will not fit
   tokenizer.py     tokenizer and chat template from the checkpoint
-  openai_request.py, server.py, cli.py   the OpenAI-compatible model server (`concilium serve-model`)
+  openai_adapter.py  OpenAI requests -> engine inputs, engine events -> completions and chunks (for both
+                   the gateway's `local` provider and the model server)
+  server.py, cli.py  the OpenAI-compatible model server (`concilium serve-model`)
 
 In-process use::
 

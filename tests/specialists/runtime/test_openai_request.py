@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from concilium.specialists.runtime.openai_request import RequestError, sampling_params, unsupported_feature
+from concilium.specialists.runtime.openai_adapter import RequestError, sampling_params, unsupported_feature
 
 USER = [{"role": "user", "content": "hi"}]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]

@@ -205,3 +205,27 @@ def test_logprobs_logit_bias_and_unsupported_features(server, smollm2_path):
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="smol", messages=QUESTION, max_tokens=4, **extra)
         assert e.value.body["param"] == param and e.value.body["code"] == "unsupported_parameter"
+
+
+def test_metrics_are_prometheus_exposition():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from concilium.specialists.runtime.server import RuntimeCollector
+
+    class _Engine:
+        def metrics(self):
+            return {"kv_cache": {"tokens_used": 7, "tokens_capacity": 2048, "slots_used": 1}, "running": 1,
+                    "waiting": 0, "generated_tokens": 12, "prefill_tokens": 37, "requests_finished": 3,
+                    "requests_cancelled": 1, "max_batch_seen": 2, "expert_tokens": {0: [5, 3]}}
+
+    registry = CollectorRegistry()
+    registry.register(RuntimeCollector(_Engine(), "smol"))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    smol = (("model", "smol"),)
+    assert samples[("concilium_runtime_kv_cache_tokens", smol)] == 7
+    assert samples[("concilium_runtime_generated_tokens_total", smol)] == 12
+    assert samples[("concilium_runtime_requests_cancelled_total", smol)] == 1
+    assert samples[("concilium_runtime_batch_size_max", smol)] == 2
+    assert samples[("concilium_runtime_expert_tokens_total", (("expert", "1"), ("layer", "0"), ("model", "smol")))] == 3

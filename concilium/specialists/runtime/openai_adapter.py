@@ -1,7 +1,8 @@
-"""OpenAI chat-completions request bodies -> the engine's prompt ids and sampling parameters.
-
-Shared by the model server and the gateway's in-process `local` provider so both read a request the
-same way. Problems raise `RequestError` naming the offending parameter (a 400 for clients).
+"""The local runtime's OpenAI adapter: the one place that turns a chat-completions request into the
+engine's inputs (prompt ids and sampling parameters) and the engine's events into OpenAI completions
+and stream chunks. The gateway's in-process `local` provider and the model server behind
+`concilium serve-model` both go through it, so they read and answer a request the same way.
+Problems raise `RequestError` naming the offending parameter (a 400 for clients).
 
 The runtime honours `logprobs` / `top_logprobs`, `logit_bias`, the presence/frequency penalties and
 `response_format` `json_object` (constrained decoding, `json_mode`). It does not call tools, follow
@@ -13,10 +14,19 @@ Tools with `tool_choice` auto or none are served: answering in text is a valid a
 
 from __future__ import annotations
 
-from typing import Any
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+import orjson
+
+from concilium.specialists.runtime.logprobs import choice_logprobs
 from concilium.specialists.runtime.sampling import MAX_TOP_LOGPROBS, SamplingError, SamplingParams
 from concilium.specialists.runtime.tokenizer import Tokenizer, TokenizerError, normalize_messages
+
+if TYPE_CHECKING:
+    from concilium.specialists.runtime.engine import Engine, StreamEvent
 
 
 class RequestError(ValueError):
@@ -176,3 +186,96 @@ def unsupported_feature(body: dict[str, Any]) -> RequestError | None:
                     "local model (text only)"
                 )
     return None
+
+
+# ------------------------------------------------------------------------------------ engine inputs
+
+
+@dataclass
+class EngineRequest:
+    ids: list[int]
+    params: SamplingParams
+
+
+def engine_request(body: dict[str, Any], engine: Engine, *, default_max_tokens: int,
+                   max_tokens_cap: int | None = None) -> EngineRequest:
+    """What the engine needs to answer `body`: the prompt's ids and the sampling parameters, the
+    answer bounded by the room left in the model's context. RequestError otherwise (a prompt that
+    does not fit is `context_length_exceeded`)."""
+    if (err := unsupported_feature(body)) is not None:
+        raise err
+    params = sampling_params(body, default_max_tokens=default_max_tokens, max_tokens_cap=max_tokens_cap,
+                             vocab_size=engine.model.cfg.vocab_size)
+    ids = prompt_ids(body, engine.tokenizer)
+    room = engine.max_seq_len - len(ids)
+    if room < 1:
+        raise RequestError(f"the prompt has {len(ids)} tokens; this model's context is {engine.max_seq_len}",
+                           "messages", "context_length_exceeded")
+    params.max_tokens = min(params.max_tokens, room)
+    return EngineRequest(ids, params)
+
+
+# --------------------------------------------------------------------------------- engine outputs
+
+
+def usage(ev: StreamEvent) -> dict[str, int]:
+    """The usage block of the event that ended a request."""
+    return {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+            "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+@dataclass
+class Answer:
+    """One request's answer as OpenAI shapes it: `completion()` from all its events, or `chunks()`
+    event by event for a stream."""
+
+    model: str
+    tokenizer: Tokenizer
+    include_usage: bool = True  # a stream ends with a usage chunk (choices: [])
+    cid: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+    _pending: list[Any] = field(default_factory=list)  # log-probs of tokens whose text is still held back
+
+    def completion(self, events: list[StreamEvent]) -> dict[str, Any]:
+        last = events[-1]
+        lps = None
+        if any(ev.logprobs is not None for ev in events):
+            lps = [lp for ev in events for lp in ev.logprobs or []]
+        return {
+            "id": self.cid,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(ev.text for ev in events)},
+                         "logprobs": choice_logprobs(self.tokenizer, lps), "finish_reason": last.finish_reason}],
+            "usage": usage(last),
+        }
+
+    def chunk(self, delta: dict[str, Any] | None, finish: str | None = None, lps: Any = None) -> dict[str, Any]:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}]
+        return {"id": self.cid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def opening(self) -> bytes:
+        """The stream's first event: the assistant's role."""
+        return sse(self.chunk({"role": "assistant", "content": ""}))
+
+    def chunks(self, ev: StreamEvent) -> list[bytes]:
+        """The SSE events for one engine event: its text (with the log-probs of the tokens it came
+        from), and at the end the finish reason and the usage."""
+        out = []
+        self._pending.extend(ev.logprobs or [])
+        if ev.text or (self._pending and ev.finish_reason is not None):
+            lps = None
+            if ev.logprobs is not None:
+                lps, self._pending = choice_logprobs(self.tokenizer, self._pending), []
+            out.append(sse(self.chunk({"content": ev.text} if ev.text else {}, lps=lps)))
+        if ev.finish_reason is not None:
+            out.append(sse(self.chunk({}, ev.finish_reason)))
+            if self.include_usage:
+                out.append(sse({**self.chunk(None), "usage": usage(ev)}))
+        return out
