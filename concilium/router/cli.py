@@ -66,8 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k.add_argument("--policy", required=True)
     k.add_argument("--prompts", required=True, metavar="FILE",
                    help="reference prompts: JSONL with `prompt` or `messages` (outcome files work)")
-    k.add_argument("--target", required=True, help="a model name, or tier:small|medium|large|frontier")
-    k.add_argument("--share", required=True, type=float, help="wanted share of first choices, 0..1")
+    k.add_argument("--target", help="a model name, or tier:small|medium|large|frontier (not for a cascade route)")
+    k.add_argument("--share", required=True, type=float,
+                   help="wanted share of first choices, 0..1; for a cascade route: the share of requests that escalate")
     k.add_argument("--route", help="the route whose targets compete (default: the first route with rank: true)")
     k.add_argument("--kind", choices=["min_cost", "tradeoff", "max_quality"],
                    help="objective to calibrate (default: the policy's)")
@@ -280,17 +281,21 @@ def _calibrate(args: argparse.Namespace) -> int:
         policy = load_policy(args.policy)
     except PolicyError as e:
         return _fail(str(e))
-    dispatcher = load_dispatcher(policy.router, policy)
-    if dispatcher is None:
-        return _fail("no learned router for this policy (router.learned is false or the artifact does not load)")
     if args.route:
         route = next((r for r in policy.routes if r.name == args.route), None)
         if route is None:
             return _fail(f"no route named {args.route!r}; routes: {', '.join(r.name for r in policy.routes)}")
+        if route.cascade is not None:
+            return _calibrate_cascade(route, args)
     else:
         route = next((r for r in policy.routes if r.rank and len(r.targets) > 1), None)
         if route is None:
             return _fail("no route with rank: true and several targets; name one with --route")
+    if not args.target:
+        return _fail("--target is required (a model name, or tier:...), except for a cascade route")
+    dispatcher = load_dispatcher(policy.router, policy)
+    if dispatcher is None:
+        return _fail("no learned router for this policy (router.learned is false or the artifact does not load)")
     bodies = []
     try:
         for row in iter_jsonl(args.prompts):
@@ -311,6 +316,36 @@ def _calibrate(args: argparse.Namespace) -> int:
     for m, s in sorted(cal.shares.items(), key=lambda kv: -kv[1]):
         print(f"  {m:<30} {s:6.1%}")
     print("\nput this in the policy:\n" + cal.yaml())
+    return 0
+
+
+def _calibrate_cascade(route, args: argparse.Namespace) -> int:
+    """The threshold at which `--share` of the reference drafts escalate: the route's scorer reads
+    each record's recorded answer of the route's first draft model (outcome records with `responses`)."""
+    import numpy as np
+
+    from concilium.router.cascade import Draft, ScorerSpecError, build_scorer
+    from concilium.router.outcomes import OutcomeError, read_outcomes
+
+    if not 0.0 < args.share < 1.0:
+        return _fail("--share (the escalation share) must be between 0 and 1")
+    draft = route.cascade.drafts[0]
+    try:
+        scorer = build_scorer(route.cascade.scorer)
+        records = read_outcomes(args.prompts)
+    except (ScorerSpecError, OutcomeError, OSError) as e:
+        return _fail(str(e))
+    answered = [r for r in records if draft in r.responses][: args.limit]
+    if len(answered) < 20:
+        return _fail(f"{args.prompts}: {len(answered)} records carry a response of {draft!r} (need at least 20; "
+                     "outcome records with `responses: {model: text}`)")
+    scores = np.sort([scorer.score_draft(Draft(r.prompt, r.responses[draft])) for r in answered])
+    k = min(len(scores) - 1, max(0, round(args.share * len(scores))))
+    threshold = float(scores[k])
+    share = float(np.mean(scores < threshold))
+    print(f"route {route.name}: {len(answered)} reference answers of {draft}, scorer {route.cascade.scorer}")
+    print(f"threshold {threshold:.4f} escalates {share:.1%} of them (wanted {args.share:.1%})")
+    print(f"\nput this in the policy:\n  cascade: {{threshold: {threshold:.4f}}}")
     return 0
 
 

@@ -109,3 +109,31 @@ def test_the_installed_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "concilium.cli", "router", "--help"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "calibrate" in r.stdout and "build-default" in r.stdout
+
+
+def test_calibrate_turns_an_escalation_share_into_a_cascade_threshold(tmp_path, capsys):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("""
+version: 1
+models:
+  cheap: {provider: openai, base_url: "http://127.0.0.1:9/v1", model: cheap}
+  strong: {provider: openai, base_url: "http://127.0.0.1:9/v1", model: strong}
+router: {virtual_models: [concilium/auto], learned: false}
+routes:
+  - name: math
+    targets: [strong]
+    strategy: cascade
+    cascade: {drafts: [cheap], scorer: verifier-rules}
+""")
+    good, bad = "2 + 2 = 4 so #### 4", "2 + 2 = 5 so #### 5"  # the rules score 0.8 and 0.16
+    rows = [{"prompt": f"q{i}", "scores": {"cheap": 1, "strong": 1},
+             "responses": {"cheap": bad if i % 4 == 0 else good}} for i in range(40)]
+    outcomes = tmp_path / "o.jsonl"
+    outcomes.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main(["router", "calibrate", "--policy", str(policy), "--route", "math", "--prompts", str(outcomes),
+               "--share", "0.25"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "threshold 0.8000 escalates 25.0% of them (wanted 25.0%)" in out
+    assert main(["router", "calibrate", "--policy", str(policy), "--route", "math", "--prompts", str(outcomes),
+                 "--share", "1.5"]) == 2
