@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -159,6 +160,11 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:
+        try:  # the job queues' depth, from the broker (skipped, with the last values, when it is down)
+            for queue, n in (await asyncio.wait_for(asyncio.to_thread(svc.jobs.queue_depths), 2.0)).items():
+                metrics.child(metrics.jobs_queued, queue).set(n)
+        except Exception as e:
+            log.debug("job queue depth unavailable: %s", type(e).__name__)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(StoreUnavailable)

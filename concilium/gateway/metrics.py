@@ -37,6 +37,8 @@ class Metrics:
                                        buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
         self.rejected = Counter("concilium_rejected_requests", "Requests refused with 401, 403 or 429, by status and "
                                 "error code", ["status", "code"], registry=r)
+        self.jobs_queued = Gauge("concilium_jobs_queued", "Jobs waiting in each queue for a worker (at scrape time)",
+                                 ["queue"], registry=r)
         self.key_spend = Counter("concilium_key_spend_usd", "Spend settled per API key, in USD", ["key"], registry=r)
 
         # Labelled children by (metric, label values): `labels()` takes a lock and builds a key per call.

@@ -89,6 +89,17 @@ class JobService:
         await asyncio.to_thread(self.app.close)
         await self.store.close()
 
+    def queue_depths(self) -> dict[str, int]:
+        """Jobs waiting in each queue for a worker (not yet taken), as the broker counts them.
+        Blocking (a broker round trip per queue): call it from a thread."""
+        out: dict[str, int] = {}
+        with self.app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1)
+            channel = conn.default_channel
+            for q in self.queues:  # kombu's virtual channels (Redis, memory) count a queue with `_size`
+                out[q] = int(channel._size(q) or 0)
+        return out
+
     # ------------------------------------------------------------------ submit
 
     async def submit(self, *, kind: str, chat_body: dict[str, Any], template: dict[str, Any], plan: RoutePlan,
