@@ -123,7 +123,9 @@ def draft_plan(plan: RoutePlan, step: CascadeStep, snap: Any) -> RoutePlan:
 def draft_body(body: dict[str, Any], snap: Any, plan: RoutePlan) -> dict[str, Any]:
     out = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
     route = next((r for r in snap.policy.routes if r.name == plan.route), None)
-    if route is not None and route.cascade is not None and route.cascade.logprobs and "logprobs" not in out:
+    c = route.cascade if route is not None else None
+    # A logprobs scorer needs them: upstreams are asked (the local runtime computes them only when asked).
+    if c is not None and (c.logprobs or b'"logprobs"' in orjson.dumps(c.scorer)) and "logprobs" not in out:
         out["logprobs"] = True
     return out
 

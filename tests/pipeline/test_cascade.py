@@ -208,3 +208,11 @@ def test_agreement_compares_a_draft_with_the_drafts_before_it(fake_upstream, ups
         model="concilium/auto", messages=[{"role": "user", "content": GOOD}])
     assert agree.headers["x-concilium-model"] == "twin"  # the first draft alone: 0.5; the twin agrees: 1.0
     assert "cheap score 0.50 < 0.75 escalated; twin score 1.00 >= 0.75 accepted" in agree.headers["x-concilium-cascade"]
+
+
+def test_a_logprobs_scorer_asks_the_drafts_for_logprobs(fake_upstream, upstream, gateway_factory):
+    # the fake sends no log-probs; `missing: 1.0` accepts such a draft, so the draft's is the last call
+    g = gateway_factory(policy(fake_upstream.url, scorer="{name: logprobs, how: mean, missing: 1.0}"))
+    g.client().chat.completions.create(model="concilium/auto", messages=[{"role": "user", "content": BAD}])
+    last = upstream.stats()["last_body"]
+    assert last["model"] == "cheap-up" and last["logprobs"] is True
