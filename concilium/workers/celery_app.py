@@ -22,7 +22,7 @@ from celery.exceptions import Reject, TimeLimitExceeded
 from kombu import Queue
 
 from concilium.workers import runtime
-from concilium.workers.config import JobsEnv
+from concilium.workers.config import JobsEnv, process_settings
 from concilium.workers.store import StoreUnavailable
 
 TASK_NAME = "concilium.jobs.run"
@@ -110,10 +110,9 @@ def end_outside_run(job_id: str, error: dict[str, str]) -> None:
 
     from concilium.policy.loader import PolicyError, load_policy
     from concilium.policy.pricing import cost_usd
-    from concilium.settings import Settings
     from concilium.workers.store_redis import RedisJobStore
 
-    settings, env = Settings(), JobsEnv()
+    settings, env = process_settings()
     if not settings.redis_url:
         return
 
@@ -138,9 +137,8 @@ def end_outside_run(job_id: str, error: dict[str, str]) -> None:
 def app_from_env() -> Celery:
     """The app for worker processes: the broker from CONCILIUM_REDIS_URL, queues from the policy."""
     from concilium.policy.loader import load_policy
-    from concilium.settings import Settings
 
-    settings = Settings()
+    settings, _ = process_settings()
     queues = os.environ.get("CONCILIUM_JOBS_QUEUES")
     if queues:
         names = [q.strip() for q in queues.split(",") if q.strip()]

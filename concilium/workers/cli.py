@@ -30,11 +30,11 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from concilium.policy.loader import PolicyError, load_policy
-    from concilium.settings import Settings
+    from concilium.workers.config import process_settings
 
     if args.policy:
         os.environ["CONCILIUM_POLICY"] = args.policy  # the pool's processes read it too
-    settings = Settings()
+    settings, _ = process_settings()  # after CONCILIUM_POLICY is set: the pool's processes inherit it
     if not settings.redis_url:
         print("concilium worker: CONCILIUM_REDIS_URL is not set. Workers take jobs from Redis; without it "
               "the gateway runs jobs itself (embedded mode) and no worker is needed.", file=sys.stderr)

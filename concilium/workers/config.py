@@ -7,8 +7,12 @@ is the deployment side. Without CONCILIUM_REDIS_URL everything runs in the gatew
 
 from __future__ import annotations
 
+import functools
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from concilium.settings import Settings
 
 
 class JobsEnv(BaseSettings):
@@ -39,3 +43,10 @@ class JobsEnv(BaseSettings):
 
 def jobs_env() -> JobsEnv:
     return JobsEnv()
+
+
+@functools.cache
+def process_settings() -> tuple[Settings, JobsEnv]:
+    """A worker process's settings, read from its environment once (the gateway builds its own and
+    passes them down; a worker process has no such root, so every part of it asks here)."""
+    return Settings(), JobsEnv()

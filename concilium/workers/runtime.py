@@ -18,7 +18,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from concilium.pipeline.state import PolicyState, Snapshot
-from concilium.workers.config import JobsEnv
+from concilium.workers.config import JobsEnv, process_settings
 from concilium.workers.runner import JobRunner, RunResult
 from concilium.workers.store import JobStore
 
@@ -100,11 +100,9 @@ def current() -> Runtime:
         if installed() is None:
             from billiard.process import current_process
 
-            from concilium.settings import Settings
-
-            settings = Settings()
+            settings, env = process_settings()
             if not settings.redis_url:
                 raise RuntimeError("no job runtime: set CONCILIUM_REDIS_URL for worker processes")
             can_kill = current_process().name != "MainProcess"  # a prefork pool child
-            install(ProcessRuntime(settings.policy, settings.redis_url, JobsEnv(), can_kill))
+            install(ProcessRuntime(settings.policy, settings.redis_url, env, can_kill))
         return _installed  # type: ignore[return-value]
