@@ -122,8 +122,9 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
         spec = snap.policy.models.get(name)
         if spec is None:
             return None
-        return {"id": name, "object": "model", "created": now, "owned_by": spec.provider,
+        card = {"id": name, "object": "model", "created": now, "owned_by": spec.provider,
                 "available": snap.availability(name) is None}
+        return {**card, "kind": "embedding"} if spec.kind == "embedding" else card
 
     @app.get("/v1/models", summary="The policy's models, the router's virtual models and the aliases")
     async def models() -> JSONResponse:

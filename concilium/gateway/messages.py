@@ -9,6 +9,7 @@ it is raised (the key check, the body limit, the pipeline), leaves as Anthropic'
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from concilium.gateway.requests import read_json, validate
 from concilium.router.decide import context_need
 
 PATH = "/v1/messages"
+log = logging.getLogger("concilium.gateway")
 
 
 def _translated(body: dict[str, Any], schema: type) -> dict[str, Any]:
@@ -122,4 +124,20 @@ class AnthropicErrors:
             await send({**start, "headers": headers})
             await send({"type": "http.response.body", "body": data})
 
-        await self.app(scope, receive, send_shaped)
+        sent = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal sent
+            sent = sent or message["type"] == "http.response.start"
+            await send_shaped(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            if sent:
+                raise
+            log.exception("unhandled error")
+            data = orjson.dumps(anthropic.error_body(500, f"internal error: {type(exc).__name__}"))
+            await send({"type": "http.response.start", "status": 500, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+            await send({"type": "http.response.body", "body": data})

@@ -184,3 +184,43 @@ def test_errors_in_a_stream_and_a_stream_cut_short():
 def test_openai_errors_become_anthropic_errors(status, kind):
     body = a.from_openai_error(status, {"error": {"message": "m", "type": "x", "code": "c", "param": None}}, "r1")
     assert body == {"type": "error", "error": {"type": kind, "message": "m", "code": "c"}, "request_id": "r1"}
+
+
+def _run_asgi(app, path="/v1/messages"):
+    import asyncio
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(m):
+        sent.append(m)
+
+    scope = {"type": "http", "path": path, "headers": [(b"x-request-id", b"rid1")]}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_the_error_middleware_reshapes_openai_errors_and_crashes():
+    from concilium.gateway.messages import AnthropicErrors
+
+    async def openai_error(scope, receive, send):
+        await send({"type": "http.response.start", "status": 429,
+                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"3")]})
+        await send({"type": "http.response.body", "body": b'{"error": {"message": "slow down", "type": "x"',
+                    "more_body": True})
+        await send({"type": "http.response.body", "body": b', "code": "rate", "param": null}}'})
+
+    start, body = _run_asgi(AnthropicErrors(openai_error))
+    assert start["status"] == 429 and (b"retry-after", b"3") in start["headers"]
+    assert orjson.loads(body["body"]) == {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down",
+                                                                     "code": "rate"}, "request_id": "rid1"}
+    assert (b"content-length", str(len(body["body"])).encode()) in start["headers"]
+    assert _run_asgi(AnthropicErrors(openai_error), "/v1/chat/completions")[1]["more_body"]  # other paths untouched
+
+    async def crash(scope, receive, send):
+        raise RuntimeError("bug")
+
+    start, body = _run_asgi(AnthropicErrors(crash))
+    assert start["status"] == 500 and orjson.loads(body["body"])["error"]["type"] == "api_error"

@@ -91,6 +91,9 @@ def test_an_alias_names_an_embedding_model(gw, upstream):
     out = gw.client().embeddings.with_raw_response.create(model="text-embedding-3-small", input="hi",
                                                           encoding_format="float")
     assert out.headers["x-concilium-model"] == "emb" and upstream.stats()["by_model"] == {"emb": 1}
+    cards = {m["id"]: m for m in gw.get("/v1/models")[1]["data"]}
+    assert cards["emb"]["kind"] == "embedding" and cards["text-embedding-3-small"]["alias_for"] == "emb"
+    assert cards["text-embedding-3-small"]["kind"] == "embedding" and "kind" not in cards["chat"]
 
 
 def test_errors(gw, upstream):
