@@ -19,19 +19,25 @@ SPEC = {"body": {"messages": [{"role": "user", "content": "hello"}]}, "plan": {"
         "response": {}}
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request):
-    if request.param == "memory":
-        yield MemoryJobStore()
-        return
+async def _redis_store(retry_s: float):
+    """A Redis job store under a prefix of its own, removed afterwards."""
     prefix = f"test-store-{uuid.uuid4().hex[:8]}:"
-    s = RedisJobStore(SHARED_REDIS, prefix, retry_s=0)
+    s = RedisJobStore(SHARED_REDIS, prefix, retry_s=retry_s)
     yield s
     await s.close()
     r = redis.Redis.from_url(SHARED_REDIS)
     keys = list(r.scan_iter(match=f"{prefix}*"))
     if keys:
         r.delete(*keys)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request):
+    if request.param == "memory":
+        yield MemoryJobStore()
+        return
+    async for s in _redis_store(retry_s=0):
+        yield s
 
 
 async def _create(store, job_id=None, owner="o", cap=10, idem=None, fp="f", ttl_s=60):
@@ -169,14 +175,8 @@ def test_event_json_keeps_its_bytes():
 
 @pytest.fixture
 async def redis_store():
-    prefix = f"test-store-{uuid.uuid4().hex[:8]}:"
-    s = RedisJobStore(SHARED_REDIS, prefix, retry_s=1)
-    yield s
-    await s.close()
-    r = redis.Redis.from_url(SHARED_REDIS)
-    keys = list(r.scan_iter(match=f"{prefix}*"))
-    if keys:
-        r.delete(*keys)
+    async for s in _redis_store(retry_s=1):
+        yield s
 
 
 async def test_a_read_may_block_longer_than_the_clients_read_timeout(redis_store):
