@@ -195,9 +195,9 @@ def test_model_defaults_schema():
     assert "unknown key" in problems["models.a.defaults.colour"]
 
 
-def test_default_policy_samples_smollm2_as_its_model_card_suggests():
+def test_default_policy_samples_smollm2_at_a_low_temperature():
     spec = load_policy(ROOT / "policies" / "default.yaml").models["smollm2"]
-    assert (spec.defaults.temperature, spec.defaults.top_p) == (0.2, 0.9)
+    assert (spec.defaults.temperature, spec.defaults.top_p) == (0.2, 0.5)
 
 
 def test_a_bad_router_section_keeps_its_virtual_models_for_the_other_checks():
