@@ -58,6 +58,45 @@ class Price(_Strict):
     output: float = Field(0.0, ge=0)
 
 
+def check_url(v: str | None) -> str | None:
+    """An http(s) URL with a host (and a numeric port when it has one), or a ValueError saying why."""
+    if v is None:
+        return v
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as e:
+        raise ValueError(f"expected an http:// or https:// URL, got {v!r} ({e})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"expected an http:// or https:// URL such as https://api.openai.com/v1, got {v!r}")
+    if not parts.hostname:
+        raise ValueError(f"the URL {v!r} has no host")
+    return v
+
+
+class Deployment(_Strict):
+    """One replica of an OpenAI-compatible model: requests balance over a model's deployments."""
+
+    base_url: str
+    api_key_env: str | None = None  # default: the model's own
+    model: str | None = None  # the upstream model id when this replica names it differently
+    weight: int = Field(1, ge=1, le=1000)  # share of the load: least in-flight requests per unit of weight
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_url(v)  # type: ignore[return-value]
+
+
+class DeploymentHealth(_Strict):
+    """Per-deployment circuit breaker and health checks (GET {base_url}/models)."""
+
+    failures: int = Field(3, ge=1)  # consecutive failed calls that take a deployment out
+    cooldown_s: float = Field(30.0, ge=0)  # then one trial call may bring it back
+    check_s: float | None = Field(10.0, gt=0)  # probe interval (null: no probes, the breaker only)
+    check_timeout_s: float = Field(2.0, gt=0)
+
+
 class ModelSpec(_Strict):
     provider: ProviderKind
     # `chat` models answer chat requests and routes; `embedding` models answer POST /v1/embeddings only.
@@ -78,6 +117,9 @@ class ModelSpec(_Strict):
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     # Extra keyword arguments for the provider (e.g. litellm's api_version, local dtype/device).
     options: dict[str, object] = Field(default_factory=dict)
+    # Replicas of an OpenAI-compatible model (instead of one base_url), balanced by in-flight requests.
+    deployments: list[Deployment] = Field(default_factory=list, max_length=64)
+    deployment_health: DeploymentHealth = Field(default_factory=DeploymentHealth)
 
     @field_validator("base_url")
     @classmethod
@@ -97,8 +139,12 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_provider_fields(self) -> ModelSpec:
-        if self.provider == "openai" and not self.base_url:
-            raise ValueError("provider 'openai' needs base_url (e.g. https://api.openai.com/v1)")
+        if self.deployments and self.provider != "openai":
+            raise ValueError("deployments are replicas of an OpenAI-compatible server: provider 'openai' only")
+        if self.deployments and self.base_url:
+            raise ValueError("give either base_url or deployments (each with its base_url), not both")
+        if self.provider == "openai" and not self.base_url and not self.deployments:
+            raise ValueError("provider 'openai' needs base_url (e.g. https://api.openai.com/v1) or deployments")
         return self
 
 

@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 
 from concilium.specialists.base import CONTEXT_LENGTH_EXCEEDED, Provider, ProviderError, classify_status
+from concilium.specialists.deployments import Balancer, Replica
 
 # Longest wait for the end of a streamed body after its [DONE] event.
 _END_WAIT_S = 0.25
@@ -147,13 +148,17 @@ class OpenAICompatProvider(Provider):
 
     def __init__(self, name: str, spec: Any) -> None:
         super().__init__(name, spec)
-        self.url = spec.base_url.rstrip("/") + "/chat/completions"
+        self.url = spec.base_url.rstrip("/") + "/chat/completions" if spec.base_url else ""
         self._session: aiohttp.ClientSession | None = None
+        # `deployments`: replicas balanced by in-flight requests (see deployments.py)
+        self.balancer = Balancer(spec.deployments, spec.deployment_health, spec.api_key_env) if spec.deployments else None
 
     def _api_key(self) -> str | None:
         return os.environ.get(self.spec.api_key_env) if self.spec.api_key_env else None
 
     def unavailable_reason(self) -> str | None:
+        if self.balancer is not None:
+            return self.balancer.missing_keys()
         if self.spec.api_key_env and not self._api_key():
             return f"{self.spec.api_key_env} is not set"
         return None
@@ -164,14 +169,20 @@ class OpenAICompatProvider(Provider):
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         return self._session
 
+    async def start(self) -> None:
+        if self.balancer is not None:
+            self.balancer.start_probes(self._get_session)
+
     async def close(self) -> None:
+        if self.balancer is not None:
+            await self.balancer.stop_probes()
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    def _request(self, body: dict[str, Any], stream: bool) -> tuple[bytes, dict[str, str]]:
+    def _request(self, body: dict[str, Any], stream: bool, at: Replica | None = None) -> tuple[bytes, dict[str, str]]:
         payload = {k: v for k, v in body.items() if k not in _GATEWAY_ONLY}
-        payload["model"] = self.spec.model
+        payload["model"] = (at.spec.model if at is not None else None) or self.spec.model
         payload["stream"] = stream
         if stream:
             opts = dict(payload.get("stream_options") or {})
@@ -180,16 +191,57 @@ class OpenAICompatProvider(Provider):
         else:
             payload.pop("stream_options", None)
         headers = {"content-type": "application/json", "accept": "application/json"}
-        key = self._api_key()
+        key = at.api_key() if at is not None else self._api_key()
         if key:
             headers["authorization"] = f"Bearer {key}"
         return orjson.dumps(payload), headers
 
+    def _url(self, at: Replica | None, path: str) -> str:
+        return at.url + path if at is not None else self.spec.base_url.rstrip("/") + path
+
+    async def _balanced(self, call: Any) -> Any:
+        """`call(replica)` on the least loaded usable deployment, then on the next one while they fail
+        (errors about the request itself are raised at once); `call(None)` without deployments."""
+        b = self.balancer
+        if b is None:
+            return await call(None)
+        tried: set[Replica] = set()
+        errors: list[str] = []
+        last: ProviderError | None = None
+        while (r := b.pick(tried)) is not None:
+            tried.add(r)
+            b.started(r)
+            ok: bool | None = None
+            try:
+                out = await call(r)
+                ok = True
+                return out
+            except ProviderError as e:
+                if not e.fallback:
+                    raise
+                ok, last = False, e
+                errors.append(f"{r.label()}: {e.message.removeprefix(self.name + ': ')}")
+            finally:
+                b.finished(r, ok, errors[-1] if ok is False else None)
+        raise self._all_failed(errors, last)
+
+    def _all_failed(self, errors: list[str], last: ProviderError | None) -> ProviderError:
+        assert self.balancer is not None
+        if last is None:
+            return ProviderError(f"{self.name}: no deployment is usable: {self.balancer.unavailable()}",
+                                 status=503, code="no_usable_deployment")
+        return ProviderError(f"{self.name}: every deployment failed: " + "; ".join(errors), status=last.status,
+                             retryable=last.retryable, fallback=True, retry_after=last.retry_after, code=last.code)
+
     async def complete(self, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-        data, headers = self._request(body, stream=False)
+        return await self._balanced(lambda at: self._complete_at(body, timeout, at))
+
+    async def _complete_at(self, body: dict[str, Any], timeout: float, at: Replica | None) -> dict[str, Any]:
+        data, headers = self._request(body, stream=False, at=at)
         try:
             async with self._get_session().post(
-                self.url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+                self._url(at, "/chat/completions"), data=data, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
                 if resp.status != 200:
                     raise await error_from_response(resp, self.name)
@@ -207,10 +259,13 @@ class OpenAICompatProvider(Provider):
         return out
 
     async def embed(self, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        return await self._balanced(lambda at: self._embed_at(body, timeout, at))
+
+    async def _embed_at(self, body: dict[str, Any], timeout: float, at: Replica | None) -> dict[str, Any]:
         payload = {k: body[k] for k in _EMBED_FIELDS if body.get(k) is not None}
-        payload["model"] = self.spec.model
-        _, headers = self._request({}, stream=False)
-        url = self.spec.base_url.rstrip("/") + "/embeddings"
+        payload["model"] = (at.spec.model if at is not None else None) or self.spec.model
+        _, headers = self._request({}, stream=False, at=at)
+        url = self._url(at, "/embeddings")
         try:
             async with self._get_session().post(url, data=orjson.dumps(payload), headers=headers,
                                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
@@ -235,12 +290,44 @@ class OpenAICompatProvider(Provider):
         return events
 
     async def _events(self, body: dict[str, Any], timeout: float, st: SSEEvents) -> AsyncIterator[bytes]:
-        data, headers = self._request(body, stream=True)
+        b = self.balancer
+        if b is None:
+            async for ev in self._events_at(body, timeout, st, None):
+                yield ev
+            return
+        tried: set[Replica] = set()
+        errors: list[str] = []
+        last: ProviderError | None = None
+        while (r := b.pick(tried)) is not None:  # a stream moves on only before its first event
+            tried.add(r)
+            b.started(r)
+            ok: bool | None = None
+            started = False
+            try:
+                async for ev in self._events_at(body, timeout, st, r):
+                    started = True
+                    yield ev
+                ok = True
+                return
+            except ProviderError as e:
+                if started or not e.fallback:
+                    ok = False if started else None
+                    raise
+                ok, last = False, e
+                errors.append(f"{r.label()}: {e.message.removeprefix(self.name + ': ')}")
+            finally:
+                b.finished(r, ok, errors[-1] if errors and ok is False else None)
+        raise self._all_failed(errors, last)
+
+    async def _events_at(self, body: dict[str, Any], timeout: float, st: SSEEvents,
+                         at: Replica | None) -> AsyncIterator[bytes]:
+        data, headers = self._request(body, stream=True, at=at)
         headers["accept"] = "text/event-stream"
         # `timeout` bounds the wait for the first byte and each gap between chunks, not the whole stream.
         ct = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
         try:
-            async with self._get_session().post(self.url, data=data, headers=headers, timeout=ct) as resp:
+            async with self._get_session().post(self._url(at, "/chat/completions"), data=data, headers=headers,
+                                                timeout=ct) as resp:
                 if resp.status != 200:
                     raise await error_from_response(resp, self.name)
                 async for piece in resp.content.iter_any():
