@@ -124,18 +124,7 @@ class ModelSpec(_Strict):
     @field_validator("base_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        try:
-            parts = urlsplit(v)
-            parts.port  # noqa: B018 - raises on a port that is not a number
-        except ValueError as e:
-            raise ValueError(f"expected an http:// or https:// URL, got {v!r} ({e})") from None
-        if parts.scheme not in ("http", "https"):
-            raise ValueError(f"expected an http:// or https:// URL such as https://api.openai.com/v1, got {v!r}")
-        if not parts.hostname:
-            raise ValueError(f"the URL {v!r} has no host")
-        return v
+        return check_url(v)
 
     @model_validator(mode="after")
     def _check_provider_fields(self) -> ModelSpec:

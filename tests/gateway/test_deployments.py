@@ -130,3 +130,26 @@ def test_the_balancer_picks_least_loaded_per_weight_and_honours_circuits():
     assert b.pick(exclude={bb}) is a and a.open_until == 0
     a.healthy = False  # a failed health probe takes it out too
     assert b.pick() is bb and "health check failed" in b.unavailable()
+
+
+def test_health_probes_take_a_dead_replica_out_and_bring_it_back(fake_upstream):
+    import asyncio
+
+    import aiohttp
+
+    from tests.support import free_port
+
+    async def run():
+        dead = f"http://127.0.0.1:{free_port()}/v1"
+        b = Balancer([Deployment(base_url=fake_upstream.url), Deployment(base_url=dead)],
+                     DeploymentHealth(check_s=None), None)
+        async with aiohttp.ClientSession() as session:
+            await b.probe(session)
+            live, gone = b.replicas
+            assert live.healthy and not gone.healthy
+            assert {b.pick().index for _ in range(4)} == {0}
+            gone.spec = Deployment(base_url=fake_upstream.url)  # the replica is back
+            await b.probe(session)
+            assert gone.healthy and {b.pick().index for _ in range(4)} == {0, 1}
+
+    asyncio.run(run())
