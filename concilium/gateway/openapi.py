@@ -74,7 +74,17 @@ _STATUSES: dict[tuple[str, str], tuple[int, ...]] = {
     ("/v1/responses", "post"): (400, 401, 403, 404, 409, 413, 415, 429, 503),
     ("/v1/feedback", "post"): (400, 401, 403, 404, 413, 503),
     ("/v1/models/{model_id}", "get"): (401, 404),
+    ("/v1/messages", "post"): (202, 400, 401, 403, 404, 413, 415, 429, 502, 503, 504),
+    ("/v1/messages/count_tokens", "post"): (400, 401, 404, 413, 415),
+    ("/v1/embeddings", "post"): (400, 401, 403, 404, 413, 415, 429, 502, 503, 504),
 }
+
+# Errors on /v1/messages... come in Anthropic's shape (gateway/messages.py).
+_ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "properties": {
+    "type": {"const": "error"},
+    "error": {"type": "object", "required": ["type", "message"],
+              "properties": {"type": {"type": "string"}, "message": {"type": "string"}}},
+    "request_id": {"type": "string"}}}
 
 
 def _error(description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -93,19 +103,21 @@ def document(app: FastAPI) -> dict[str, Any]:
             if key in _BODIES:
                 op.update(body_schema(_BODIES[key]))
             responses = op.setdefault("responses", {})
+            anthropic = path.startswith("/v1/messages")
+            err, shape = (_ANTHROPIC_ERROR, "Anthropic's") if anthropic else (error, "OpenAI's")
             for status in _STATUSES.get(key, ()):
                 if status == 202:
                     responses["202"] = {"description": _WHY[202], "content": {"application/json": {
                         "schema": {"type": "object"}}}}
                 else:
-                    responses.setdefault(str(status), _error(_WHY[status], error))
-            responses.setdefault("4XX", _error("a client error, in OpenAI's error shape", error))
-            responses.setdefault("5XX", _error("a server error, in OpenAI's error shape", error))
+                    responses.setdefault(str(status), _error(_WHY[status], err))
+            responses.setdefault("4XX", _error(f"a client error, in {shape} error shape", err))
+            responses.setdefault("5XX", _error(f"a server error, in {shape} error shape", err))
             responses.pop("422", None)  # FastAPI's validation error: this gateway answers 400
     ok = doc["paths"].get("/metrics", {}).get("get", {}).get("responses", {}).get("200")
     if ok is not None:
         ok["content"] = {"text/plain; version=0.0.4": {"schema": {"type": "string"}}}
-    for path in ("/v1/chat/completions", "/v1/responses"):
+    for path in ("/v1/chat/completions", "/v1/responses", "/v1/messages"):
         ok = doc["paths"].get(path, {}).get("post", {}).get("responses", {}).get("200")
         if ok is not None:
             ok.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"},

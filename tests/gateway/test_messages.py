@@ -194,3 +194,17 @@ def test_the_local_model_answers_messages(local_gateway):
     assert 0 < final.usage.output_tokens <= 12 and final.usage.input_tokens == msg.usage.input_tokens
     status, _ = http_json("GET", local_gateway.base_url + "/healthz")
     assert status == 200
+
+
+def test_the_openapi_document_describes_messages_and_embeddings(gw):
+    status, doc = http_json("GET", gw.base_url + "/openapi.json")
+    assert status == 200
+    op = doc["paths"]["/v1/messages"]["post"]
+    body = op["requestBody"]["content"]["application/json"]["schema"]
+    assert {"model", "messages", "max_tokens", "system", "tools", "stream"} <= set(body["properties"])
+    assert set(body["required"]) == {"model", "messages", "max_tokens"}
+    assert op["responses"]["400"]["content"]["application/json"]["schema"]["properties"]["type"] == {"const": "error"}
+    assert "text/event-stream" in op["responses"]["200"]["content"]
+    emb = doc["paths"]["/v1/embeddings"]["post"]
+    assert "input" in emb["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert "error" in emb["responses"]["400"]["content"]["application/json"]["schema"]["properties"]
