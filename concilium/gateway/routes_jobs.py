@@ -51,15 +51,16 @@ def _service(request: Request) -> JobService:
 
 
 def owner_of(request: Request) -> str:
-    """Who owns a job: the API key's name when the gateway checks keys, else a hash of the bearer
+    """Who owns a job: the API key's name when the gateway checks keys, else a hash of the bearer (or x-api-key)
     token (never the token itself), else `anonymous`."""
     key = getattr(request.state, "key", None)
     name = getattr(getattr(key, "entry", None), "name", None)
     if isinstance(name, str) and name:
         return name
     scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
-    token = token.strip()
-    if scheme.lower() == "bearer" and token:
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    token = token or (request.headers.get("x-api-key") or "").strip()  # Anthropic's SDKs send the key here
+    if token:
         return "sha256:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:24]
     return "anonymous"
 

@@ -208,3 +208,17 @@ def test_the_openapi_document_describes_messages_and_embeddings(gw):
     emb = doc["paths"]["/v1/embeddings"]["post"]
     assert "input" in emb["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert "error" in emb["responses"]["400"]["content"]["application/json"]["schema"]["properties"]
+
+
+def test_a_job_owner_is_told_by_x_api_key_as_by_a_bearer_token():
+    from starlette.requests import Request
+
+    from concilium.gateway.routes_jobs import owner_of
+
+    def req(headers):
+        return Request({"type": "http", "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+                        "state": {}})
+
+    assert owner_of(req({"x-api-key": "sk-1"})) == owner_of(req({"authorization": "Bearer sk-1"}))
+    assert owner_of(req({"x-api-key": "sk-1"})) != owner_of(req({"x-api-key": "sk-2"}))
+    assert owner_of(req({})) == "anonymous"
