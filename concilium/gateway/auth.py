@@ -30,8 +30,8 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         token = bearer(_header(scope, b"authorization")) or _header(scope, b"x-api-key")
         if not token:
-            err = APIError(401, "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key",
-                           type="authentication_error", headers=_CHALLENGE)
+            err = APIError(401, "missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`)",
+                           code="missing_api_key", type="authentication_error", headers=_CHALLENGE)
             return await self._refuse(err, scope, receive, send)
         key = self.guard.table().lookup(token)
         if key is None or key.entry.disabled:
