@@ -165,3 +165,19 @@ def test_eval_replay_errors(records_file, tmp_path, capsys):
     rc = main(["eval", "replay", "--policy", str(tmp_path / "q.yaml"), "--outcomes", str(records_file),
                "--grading", "vibes"])
     assert rc == 2 and "unknown grading" in capsys.readouterr().err
+
+
+def test_the_gateway_makes_the_same_cascade_decision_as_the_offline_replay(records_file, tmp_path):
+    from concilium.router.cascade.evaluate import folds
+    from concilium.router.cascade.replay import gateway_kfold_scores
+    from concilium.router.cascade.verifier import VerifierConfig, featurise, fit_features
+
+    data = cascade_data(read_outcomes(records_file)[:60], "weak", "strong", "scores")
+    cfg = VerifierConfig(blocks=("answer",), hash_dim=0, c=0.3)
+    got = gateway_kfold_scores(data, cfg, k=2, seed=0, workdir=tmp_path)
+    assert got["failed"] == 0 and got["requests"] == 60
+    x = featurise(data.prompts, data.answers, cfg)
+    offline = np.zeros(60)
+    for tr, te in folds(60, 2, 0):
+        offline[te] = fit_features(x[tr], data.weak[tr], None, cfg).probabilities(x[te])
+    assert np.abs(got["scores"] - offline).max() < 1e-3  # the gateway reports scores to 4 decimals

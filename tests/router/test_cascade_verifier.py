@@ -57,6 +57,7 @@ def test_verifier_learns_to_tell_good_drafts_from_bad(data):
     assert _auc(p, ex.labels) > 0.8
     assert p[ex.labels == 1].mean() > p[ex.labels == 0].mean() + 0.3
     assert ver.meta["training"]["examples"] == 400
+    assert ver.describe() == {"scorer": "verifier", "blocks": list(VerifierConfig().blocks), "trained_on": 400}
     assert str(ver.meta["training"]["c"]) in ver.meta["training"]["cv_log_loss"]
 
 

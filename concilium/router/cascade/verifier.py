@@ -120,7 +120,8 @@ class Verifier(Scorer):
         return self.probability(draft.prompt, draft.answer)
 
     def describe(self) -> dict[str, Any]:
-        return {"scorer": self.name, "blocks": list(self.config.blocks), "trained_on": self.meta.get("examples")}
+        return {"scorer": self.name, "blocks": list(self.config.blocks),
+                "trained_on": (self.meta.get("training") or {}).get("examples")}
 
     # --- storage -------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
