@@ -6,7 +6,7 @@ trained scorer is fitted on four folds and scores the fifth. For both gradings â
 last digits of the answer, the file's own True/False) and numeric (the final answer's value
 against GSM8K's reference) â€” it reports APGR, CPT(50%), CPT(80%) and cost-aware APGR for: random,
 the prompt-only router (the router's pipeline refitted per fold), the untrained rules, the trained
-verifier (the shipped configuration, plus two smaller feature sets), the verifier combined with the
+verifier (the shipped configuration, two smaller feature sets and one with the static embeddings of prompt and answer), the verifier combined with the
 prompt router's P(strong good), a perfect verifier and the oracle; the escalation threshold table
 for the verifier; the verifier row again through the real gateway (a gateway per fold with a
 `strategy: cascade` policy against the replay upstream, prompts sent with the openai SDK); and the
@@ -53,6 +53,8 @@ TARGETS = {"apgr": 0.88, "cpt80": 0.27, "cost_apgr": 0.85, "scorer_p50_ms": 1.0}
 ABLATIONS = {
     "verifier: answer features only": VerifierConfig(blocks=("answer",), hash_dim=0),
     "verifier: no hashed n-grams": VerifierConfig(blocks=("answer", "prompt_lexical", "answer_lexical"), hash_dim=0),
+    "verifier: + static embeddings": VerifierConfig(
+        blocks=("answer", "prompt_lexical", "answer_lexical", "hashed", "embedding")),
 }
 GRADING_NAMES = {"scores": "routellm (the file's True/False: last digits)", "numeric": "numeric (final answer value)"}
 
