@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from concilium.core.plan import RoutePlan
-from concilium.gateway import routes_jobs
+from concilium.gateway import caching, routes_jobs
 from concilium.gateway.errors import APIError, sse_error
 from concilium.gateway.headers import header_value, plan_headers
 from concilium.gateway.request_ids import add_cost
@@ -105,9 +105,17 @@ async def answer(request: Request, body: dict[str, Any], t0: float | None = None
             return resp
         if plan.strategy == "cascade":
             return await _cascade(request, body, plan, snap, t0, ticket)
+        look = None
+        if snap.cache is not None:  # the response cache (a policy without `cache:` pays only this check)
+            look = await caching.lookup(request, body, plan, snap, ticket)
+            if look.hit is not None:
+                response = caching.serve_hit(request, body, plan, look, t0)
+                if ticket is not None:
+                    ticket.done(None, None, "cached")  # a hit is free
+                return response
         if body.get("stream"):
-            return await _stream(request, body, plan, snap, t0, ticket)
-        return await _complete(request, body, plan, snap, t0, ticket)
+            return await _stream(request, body, plan, snap, t0, ticket, look and look.headers, look)
+        return await _complete(request, body, plan, snap, t0, ticket, look and look.headers, look)
     except BaseException:
         if ticket is not None:
             ticket.done(None, None, "failed")  # no answer: release the reservation (no-op once settled)
@@ -115,7 +123,8 @@ async def answer(request: Request, body: dict[str, Any], t0: float | None = None
 
 
 async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float,
-                    ticket: Any = None, headers: dict[str, str] | None = None) -> Response:
+                    ticket: Any = None, headers: dict[str, str] | None = None,
+                    look: caching.Lookup | None = None) -> Response:
     metrics = request.app.state.services.metrics
     task = asyncio.ensure_future(call.complete(plan, body, snap.ctx))
     watcher = asyncio.ensure_future(_until_disconnect(request))
@@ -144,23 +153,27 @@ async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapsho
         ticket.done(model, usage, "ok")
     if attempts:
         metrics.fallbacks.labels(plan.route).inc()
+    if look is not None and look.store:
+        await caching.save(request, look, model, result)
     return response
 
 
 async def _stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float,
-                  ticket: Any = None, headers: dict[str, str] | None = None) -> Response:
+                  ticket: Any = None, headers: dict[str, str] | None = None,
+                  look: caching.Lookup | None = None) -> Response:
     metrics = request.app.state.services.metrics
     try:
         handle = await call.stream(plan, body, snap.ctx)
     except (ProviderError, call.AllCandidatesFailed) as e:
         metrics.requests.labels(plan.candidates[0].model, plan.route, "error").inc()
         raise _provider_error(e, plan) from None
-    return _serve_stream(request, body, plan, snap, t0, ticket, handle, headers)
+    collector = caching.StreamCollector(look) if look is not None and look.store else None
+    return _serve_stream(request, body, plan, snap, t0, ticket, handle, headers, collector=collector)
 
 
 def _serve_stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot, t0: float, ticket: Any,
                   handle: call.StreamHandle, headers: dict[str, str] | None = None,
-                  prior: list[Any] | None = None) -> Response:
+                  prior: list[Any] | None = None, collector: caching.StreamCollector | None = None) -> Response:
     """Relay an opened upstream stream; record and settle it (with the request's `prior` calls)."""
     metrics = request.app.state.services.metrics
     metrics.child(metrics.ttft, handle.model, plan.route).observe(time.perf_counter() - t0)
@@ -181,27 +194,35 @@ def _serve_stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot,
         metrics.record(handle.model, plan.route, status, elapsed, usage, _cost(request, snap, handle.model, usage, elapsed))
         if ticket is not None:
             ticket.done(handle.model, usage, status, prior or ())
+        if collector is not None and status == "ok" and (result := collector.completion()) is not None:
+            await caching.save(request, collector.look, handle.model, result)
 
     return EventStreamResponse(
-        _relay(handle, want_usage, finish),
+        _relay(handle, want_usage, finish, collector),
         media_type="text/event-stream",
         headers={**plan_headers(plan, handle.model), **(headers or {}), "cache-control": "no-cache"},
         on_close=lambda: finish("cancelled", None),
     )
 
 
-async def _relay(handle: call.StreamHandle, want_usage: bool, finish: Any) -> AsyncIterator[bytes]:
+async def _relay(handle: call.StreamHandle, want_usage: bool, finish: Any,
+                 collector: caching.StreamCollector | None = None) -> AsyncIterator[bytes]:
     usage: dict | None = None
     status = "ok"
     # Events that arrived together leave together: while the provider says the next event is already
     # here (`ready()`), hold this one, then write them all at once. Same bytes, fewer writes.
     ready = getattr(handle.rest, "ready", None)
     pending: list[bytes] = list(handle.first)
+    if collector is not None:
+        for ev in pending:
+            collector.feed(ev)
     try:
         if pending and not (ready and ready()):
             yield b"".join(pending)
             pending.clear()
         async for ev in handle.rest:
+            if collector is not None:
+                collector.feed(ev)
             if b'"usage":{' in ev or b'"usage": {' in ev:
                 u = orjson.loads(ev[5:]).get("usage")
                 if isinstance(u, dict):

@@ -39,6 +39,8 @@ class Metrics:
                                 "error code", ["status", "code"], registry=r)
         self.jobs_queued = Gauge("concilium_jobs_queued", "Jobs waiting in each queue for a worker (at scrape time)",
                                  ["queue"], registry=r)
+        self.cache = Counter("concilium_cache_requests", "Response cache lookups by result (hit, miss, bypass) "
+                             "and, for hits, kind (exact, semantic)", ["route", "result", "kind"], registry=r)
         self.key_spend = Counter("concilium_key_spend_usd", "Spend settled per API key, in USD", ["key"], registry=r)
 
         # Labelled children by (metric, label values): `labels()` takes a lock and builds a key per call.

@@ -15,6 +15,8 @@ from concilium.gateway.metrics import Metrics
 from concilium.gateway.recent import RecentRequests
 from concilium.guard import logs, privacy
 from concilium.guard.service import Guard
+from concilium.pipeline.cache import MemoryStore, RedisStore
+from concilium.pipeline.cache import open_store as open_cache
 from concilium.pipeline.state import PolicyState
 from concilium.policy.loader import PolicyError
 from concilium.router.feedback import FeedbackStore, open_store
@@ -33,6 +35,7 @@ class Services:
     jobs: JobService
     feedback: FeedbackStore
     recent: RecentRequests  # request id -> key, for /v1/feedback
+    cache: MemoryStore | RedisStore  # the response cache's entries (used only by a policy with `cache:`)
 
     @classmethod
     def build(cls, settings: Settings, policy_path: str) -> Services:
@@ -49,7 +52,8 @@ class Services:
             raise SystemExit(str(e)) from None
         jobs = JobService.for_gateway(settings.redis_url, snap.policy.jobs)
         feedback = open_store(settings.redis_url, settings.data_dir)
-        return cls(settings, metrics, policy, guard, jobs, feedback, RecentRequests(settings.redis_url))
+        return cls(settings, metrics, policy, guard, jobs, feedback, RecentRequests(settings.redis_url),
+                   open_cache(settings.redis_url))
 
     async def start(self) -> None:
         self.policy.start_background(self.settings.policy_watch_s)
@@ -57,7 +61,7 @@ class Services:
         await self.jobs.start(self.policy)
 
     async def close(self) -> None:
-        for part in (self.jobs, self.guard, self.feedback, self.recent, self.policy):
+        for part in (self.jobs, self.guard, self.feedback, self.recent, self.cache, self.policy):
             try:
                 await part.close()
             except Exception as e:  # one part failing to close must not keep the others open

@@ -127,14 +127,16 @@ class Ticket:
     settled: bool = False
 
     def done(self, model: str | None, usage: dict | None, outcome: str, prior: Sequence[Any] = ()) -> None:
-        """outcome: ok | failed (no model answered: nothing to pay) | anything else (unknown: keep the
-        reservation as the charge). `prior`: the request's earlier calls (a cascade's drafts, each
+        """outcome: ok | failed (no model answered: nothing to pay) | cached (answered from the response
+        cache: nothing to pay) | anything else (unknown: keep the reservation as the charge). `prior`: the request's earlier calls (a cascade's drafts, each
         with `model`, `usage`, `seconds`), paid whatever the outcome."""
         if self.settled:
             return
         self.settled = True
         reserve_top = max((c for m, c in self.costs.items() if m not in self.prior_costs), default=0)
         spent, tokens = 0, 0
+        if outcome == "cached":
+            model, outcome = None, "failed"  # free: the reservation is released
         if outcome != "failed" and model is not None and model in self.specs:
             cost = cost_nano(self.specs[model], usage, time.monotonic() - self.started, self.costs[model])
             spent = self.costs[model] if cost is None else cost

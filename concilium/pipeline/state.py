@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from concilium.pipeline.cache import cache_plan
 from concilium.policy import pricing
 from concilium.policy.loader import PolicyError, load_policy
 from concilium.policy.schema import Policy
@@ -50,6 +51,7 @@ class Snapshot:
     dispatcher: Any
     ctx: CallContext
     version: int
+    cache: Any = None  # pipeline.cache.CachePlan, or None when the policy caches nothing
 
     def availability(self, model: str) -> str | None:
         return self.registry.unavailable_reason(model) or self.ctx.breaker.open_reason(model)
@@ -108,7 +110,8 @@ class PolicyState:
         ctx = CallContext(providers=registry.get, breaker=self.breaker, retry=policy.retry,
                           on_attempt_error=self._on_error())
         self._version += 1
-        return Snapshot(policy, registry, load_dispatcher(policy), ctx, self._version)
+        dispatcher = load_dispatcher(policy)
+        return Snapshot(policy, registry, dispatcher, ctx, self._version, cache_plan(policy, dispatcher))
 
     async def start(self) -> None:
         """Start the current snapshot's providers, once: concurrent callers wait for the same start."""

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 Loc = tuple[str | int, ...]
 
 # Where the known keys of a section are written down, for "unknown key" messages.
-_KEYS_DOC = {"keys": "docs/keys.md", "privacy": "docs/keys.md", "jobs": "docs/jobs.md"}
+_KEYS_DOC = {"keys": "docs/keys.md", "privacy": "docs/keys.md", "jobs": "docs/jobs.md", "cache": "docs/apis.md"}
 
 
 class PolicyError(Exception):

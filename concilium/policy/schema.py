@@ -208,6 +208,32 @@ class Cascade(_Strict):
     logprobs: bool = False
 
 
+class SemanticCache(_Strict):
+    """Serve the answer to an earlier prompt whose embedding (the router's static embedder) is at
+    least `threshold` cosine-similar to this one; everything else in the request must match exactly."""
+
+    threshold: float = Field(0.95, gt=0, le=1)
+
+
+class CacheConfig(_Strict):
+    """`cache:` (the whole policy, and per route: a route's keys override the global ones).
+    See docs/apis.md, "Response cache", for what is cached and what is never."""
+
+    enabled: bool = True  # a route's `cache: {enabled: false}` turns a global cache off there
+    exact: bool = True  # the normalised request hash
+    semantic: SemanticCache | None = None
+    ttl_s: float = Field(300.0, gt=0, le=30 * 86400)
+    max_entries: int = Field(10_000, ge=1, le=10_000_000)  # per route (in process: least recently used go)
+    share_across_keys: bool = False  # one cache for every API key of the route (never by default)
+    sampled: bool = False  # also cache answers sampled at temperature > 0 (or left at the default) with no seed
+
+    def merged(self, override: CacheConfig | None) -> CacheConfig:
+        """These settings with a route's own (`override`, only the keys it sets) on top."""
+        if override is None:
+            return self
+        return self.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
+
+
 class Route(_Strict):
     name: str
     match: Match = Field(default_factory=Match)
@@ -224,6 +250,7 @@ class Route(_Strict):
     # How the plan becomes calls: `single` (one model, falling back down the plan) or `cascade`.
     strategy: Literal["single", "cascade"] = "single"
     cascade: Cascade | None = None
+    cache: CacheConfig | None = None  # overrides the policy's `cache:` for this route
 
     @model_validator(mode="after")
     def _strategy(self) -> Route:
@@ -231,6 +258,9 @@ class Route(_Strict):
             raise PathError([(("cascade",), "strategy cascade needs a `cascade:` section with its drafts")])
         if self.strategy != "cascade" and self.cascade is not None:
             raise PathError([(("strategy",), "a `cascade:` section needs `strategy: cascade`")])
+        if self.cache is not None and self.cache.enabled and (self.strategy == "cascade" or self.mode == "background"):
+            raise PathError([(("cache",), "the response cache serves `strategy: single` interactive routes; "
+                              "remove `cache:` or set `enabled: false`")])
         c = self.cascade
         if c is not None and c.skip_below is not None and c.trust_above is not None and c.skip_below > c.trust_above:
             raise PathError([(("cascade", "skip_below"), f"{c.skip_below:g} is above trust_above ({c.trust_above:g})")])
@@ -299,6 +329,8 @@ class Policy(_Strict):
     privacy: Privacy = Field(default_factory=Privacy)
     # Other names for models and virtual models: a request for `gpt-4` is a request for its target.
     aliases: dict[str, str] = Field(default_factory=dict)
+    # The response cache (off when absent here and in every route).
+    cache: CacheConfig | None = None
 
     @field_validator("keys", mode="before")
     @classmethod
@@ -324,6 +356,20 @@ class Policy(_Strict):
     def routes_on_pii(self) -> bool:
         """Does any rule need the PII verdict (a route that matches on `pii`, or `privacy.on_pii`)?"""
         return self.privacy.on_pii is not None or any(r.match.pii is not None for r in self.routes)
+
+
+def cache_problems(policy: Policy, skip: frozenset[int | str] = frozenset()) -> list[tuple[tuple, str]]:
+    """A cache (global, or a route's merged over it) that would cache nothing."""
+    problems: list[tuple[tuple, str]] = []
+    base = (policy.cache if "cache" not in skip else None) or CacheConfig()
+    for loc, cfg in [(("cache",), policy.cache), *((("routes", i, "cache"), r.cache)
+                                                    for i, r in enumerate(policy.routes))]:
+        if not isinstance(cfg, CacheConfig) or loc[0] in skip or (len(loc) > 1 and loc[1] in skip):
+            continue
+        eff = cfg if loc == ("cache",) else base.merged(cfg)
+        if eff.enabled and not eff.exact and eff.semantic is None:
+            problems.append(((*loc, "exact"), "a cache with `exact: false` needs `semantic:` (or `enabled: false`)"))
+    return problems
 
 
 def reference_problems(policy: Policy, skip: frozenset[int | str] = frozenset()) -> list[tuple[tuple, str]]:
@@ -391,6 +437,7 @@ def reference_problems(policy: Policy, skip: frozenset[int | str] = frozenset())
             more = " (an alias names a model, not another alias)" if target in policy.aliases else ""
             problems.append((("aliases", alias), f"alias {alias!r} points to {target!r}, which is neither a model "
                              f"nor a virtual model{more}; defined: {', '.join([*sorted(models), *virtual])}"))
+    problems += cache_problems(policy, skip)
     if "jobs" not in skip:
         problems += policy.jobs.route_problems(policy.routes)
     if "keys" not in skip:
