@@ -32,7 +32,8 @@ def policy(flaky_url: str, steady_url: str) -> str:
     return f"""
 version: 1
 models:
-  flaky: {{provider: openai, base_url: "{flaky_url}", model: flaky}}
+  # a request that names `flaky` falls back only as its own policy entry says
+  flaky: {{provider: openai, base_url: "{flaky_url}", model: flaky, fallbacks: [steady], timeout_s: 0.5}}
   steady: {{provider: openai, base_url: "{steady_url}", model: steady}}
 routes:
   - name: default
