@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from concilium.gateway.recent import RecentRequests
 
 
@@ -18,10 +16,7 @@ async def test_the_last_ids_are_kept_in_process():
 async def test_replicas_share_the_record_through_redis(tmp_path):
     from tests.guard.support import RedisServer
 
-    try:
-        server = RedisServer.start(tmp_path / "redis")
-    except RuntimeError as e:
-        pytest.skip(str(e))
+    server = RedisServer.start(tmp_path / "redis")  # .ci/run installs redis-server
     try:
         one, two = RecentRequests(server.url), RecentRequests(server.url)
         one.add("req-1", "alice")
