@@ -38,6 +38,7 @@ class Lookup:
     key: str | None = None
     bucket: str | None = None
     vec: Any = None
+    words: frozenset[str] = frozenset()
     store: bool = False  # save the answer made for this request
     hit: dict | None = None  # {"m": model, "r": completion}
     similarity: float | None = None
@@ -82,6 +83,7 @@ async def lookup(request: Request, body: dict[str, Any], plan: RoutePlan, snap: 
         if parts is not None:
             look.bucket, text = parts
             look.vec = snap.cache.embedder.encode(text)
+            look.words = pcache.prompt_words(text)
     if no_cache:  # a fresh answer, stored for the next request
         look.result = "bypass"
         look.headers = {HEADER: "bypass"}
@@ -92,7 +94,7 @@ async def lookup(request: Request, body: dict[str, Any], plan: RoutePlan, snap: 
             raw = await svc.cache.get(route, look.key)
             found = pcache.Found(raw) if raw is not None else None
         if found is None and look.vec is not None:
-            found = await svc.cache.nearest(route, look.bucket, look.vec, cfg.semantic.threshold)
+            found = await svc.cache.nearest(route, look.bucket, look.vec, cfg.semantic.threshold, look.words)
     except Exception as e:  # a cache that is down is a cache that misses
         log.warning("cache lookup failed: %s", e)
         found = None
@@ -138,7 +140,8 @@ async def save(request: Request, look: Lookup, model: str, result: dict) -> None
         return
     value = orjson.dumps({"m": model, "r": result})
     try:
-        await request.app.state.services.cache.put(look.route, look.key, value, look.cfg, look.bucket, look.vec)
+        await request.app.state.services.cache.put(look.route, look.key, value, look.cfg, look.bucket, look.vec,
+                                                   look.words)
     except Exception as e:
         log.warning("cache store failed: %s", e)
 

@@ -9,8 +9,9 @@ Exact: the SHA-256 of the request with what cannot change the answer left out (`
 values dropped, `n: 1` dropped, `stop` as a list and numbers as floats, keys sorted. Semantic: the
 same hash with the last user message's text left out names a bucket; inside it, the answer to the
 prompt whose embedding (the router's static embedder) is the most similar, if at least the route's
-threshold, is served. So only the last user turn may differ; the system prompt, the history, the
-model and every sampling parameter must be the same.
+threshold and whose words (4+ letters) are the same but for up to two typos, is served. So only the
+last user turn may differ, and only in case, punctuation, short words and typos: its numbers, the
+system prompt, the history, the model and every sampling parameter must be the same.
 
 Stores: `MemoryStore` (per route, least recently used evicted beyond `max_entries`, entries expire
 after `ttl_s`) and `RedisStore` (SET with EX; a sorted set per route trims to `max_entries`).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -126,9 +128,47 @@ def exact_key(body: dict[str, Any], route: str, ns: str) -> str:
     return _digest(route, ns, _normal(body))
 
 
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def prompt_numbers(text: str) -> list[str]:
+    """The numbers written in a prompt, in order: a semantic hit needs the same ones (the same GSM8K
+    problem with other numbers is another question, however similar its embedding)."""
+    return _NUMBER.findall(text)
+
+
+_WORD = re.compile(r"[^\W\d_]{4,}")
+
+
+def prompt_words(text: str) -> frozenset[str]:
+    """The words (4+ letters, lowercased) of a prompt."""
+    return frozenset(w.lower() for w in _WORD.findall(text))
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Damerau distance <= 1 (a typo: one letter changed, added, dropped, or two swapped)."""
+    if abs(len(a) - len(b)) > 1:
+        return False
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    return (a[i + 1:] == b[i + 1:] or a[i + 1:] == b[i:] or a[i:] == b[i + 1:]
+            or (a[i:i + 2] == b[i:i + 2][::-1] and a[i + 2:] == b[i + 2:]))
+
+
+def same_words(a: frozenset[str], b: frozenset[str], max_typos: int = 2) -> bool:
+    """Do two prompts use the same words, but for up to `max_typos` typos? An embedding cannot tell
+    "a poem about cats" from "a poem about dogs"; this can."""
+    da, db = a - b, b - a
+    if len(da) > max_typos or len(db) > max_typos:
+        return False
+    # a word on one side only is a typo of a word on the other (which may also be spelt right elsewhere)
+    return all(any(_one_edit(x, y) for y in b) for x in da) and all(any(_one_edit(y, x) for x in a) for y in db)
+
+
 def semantic_parts(body: dict[str, Any], route: str, ns: str) -> tuple[str, str] | None:
-    """(bucket, text): everything but the last user message's text, hashed; and that text. None when
-    the conversation does not end with a user message that has text."""
+    """(bucket, text): everything but the last user message's text, and that text's numbers, hashed;
+    and that text. None when the conversation does not end with a user message that has text."""
     messages = body.get("messages") or []
     last = messages[-1] if messages else None
     if not isinstance(last, dict) or last.get("role") != "user":
@@ -136,7 +176,7 @@ def semantic_parts(body: dict[str, Any], route: str, ns: str) -> tuple[str, str]
     text = content_text(last.get("content")).strip()
     if not text:
         return None
-    return _digest(route, ns, {"semantic": _normal(body, drop_last_user=True)}), text
+    return _digest(route, ns, {"semantic": _normal(body, drop_last_user=True), "numbers": prompt_numbers(text)}), text
 
 
 @dataclass
@@ -151,7 +191,7 @@ class Found:
 class _RouteEntries:
     def __init__(self) -> None:
         self.entries: OrderedDict[str, tuple[float, bytes, str | None]] = OrderedDict()
-        self.buckets: dict[str, dict[str, np.ndarray]] = {}
+        self.buckets: dict[str, dict[str, tuple[np.ndarray, frozenset[str]]]] = {}
 
     def drop(self, key: str) -> None:
         item = self.entries.pop(key, None)
@@ -190,28 +230,31 @@ class MemoryStore:
         r.entries.move_to_end(key)
         return item[1]
 
-    async def nearest(self, route: str, bucket: str, vec: np.ndarray, threshold: float) -> Found | None:
+    async def nearest(self, route: str, bucket: str, vec: np.ndarray, threshold: float,
+                      words: frozenset[str]) -> Found | None:
         r = self._route(route)
         cands = r.buckets.get(bucket)
         if not cands:
             return None
         keys = list(cands)
-        sims = np.stack([cands[k] for k in keys]) @ vec
+        sims = np.stack([cands[k][0] for k in keys]) @ vec
         for i in np.argsort(-sims):
             if sims[i] < threshold:
                 return None
+            if not same_words(words, cands[keys[i]][1]):
+                continue
             value = await self.get(route, keys[i])
             if value is not None:
                 return Found(value, float(sims[i]))
         return None
 
-    async def put(self, route: str, key: str, value: bytes, cfg: CacheConfig,
-                  bucket: str | None = None, vec: np.ndarray | None = None) -> None:
+    async def put(self, route: str, key: str, value: bytes, cfg: CacheConfig, bucket: str | None = None,
+                  vec: np.ndarray | None = None, words: frozenset[str] = frozenset()) -> None:
         r = self._route(route)
         r.drop(key)
         r.entries[key] = (self.clock() + cfg.ttl_s, value, bucket if vec is not None else None)
         if bucket is not None and vec is not None:
-            r.buckets.setdefault(bucket, {})[key] = np.asarray(vec, dtype=np.float32)
+            r.buckets.setdefault(bucket, {})[key] = (np.asarray(vec, dtype=np.float32), words)
         while len(r.entries) > cfg.max_entries:
             r.drop(next(iter(r.entries)))
 
@@ -237,24 +280,29 @@ class RedisStore:
     async def get(self, route: str, key: str) -> bytes | None:
         return await self.client.get(self._k(route, key))
 
-    async def nearest(self, route: str, bucket: str, vec: np.ndarray, threshold: float) -> Found | None:
+    async def nearest(self, route: str, bucket: str, vec: np.ndarray, threshold: float,
+                      words: frozenset[str]) -> Found | None:
         hkey = f"{self.PREFIX}s:{route}:{bucket}"
         raw = await self.client.hgetall(hkey)
         if not raw:
             return None
         keys = [k.decode() for k in raw]
-        sims = np.stack([np.frombuffer(v, dtype=np.float32) for v in raw.values()]) @ vec
+        n = vec.shape[0] * 4  # a field is the float32 vector, then the prompt's words
+        vals = list(raw.values())
+        sims = np.stack([np.frombuffer(v[:n], dtype=np.float32) for v in vals]) @ vec
         for i in np.argsort(-sims):
             if sims[i] < threshold:
                 return None
+            if not same_words(words, frozenset(vals[i][n:].decode().split())):
+                continue
             value = await self.get(route, keys[i])
             if value is not None:
                 return Found(value, float(sims[i]))
             await self.client.hdel(hkey, keys[i])  # expired
         return None
 
-    async def put(self, route: str, key: str, value: bytes, cfg: CacheConfig,
-                  bucket: str | None = None, vec: np.ndarray | None = None) -> None:
+    async def put(self, route: str, key: str, value: bytes, cfg: CacheConfig, bucket: str | None = None,
+                  vec: np.ndarray | None = None, words: frozenset[str] = frozenset()) -> None:
         ttl = max(1, int(np.ceil(cfg.ttl_s * 1000)))
         idx = f"{self.PREFIX}i:{route}"
         p = self.client.pipeline(transaction=False)
@@ -262,7 +310,7 @@ class RedisStore:
         p.zadd(idx, {key: time.time()})
         if bucket is not None and vec is not None:
             hkey = f"{self.PREFIX}s:{route}:{bucket}"
-            p.hset(hkey, key, np.asarray(vec, dtype=np.float32).tobytes())
+            p.hset(hkey, key, np.asarray(vec, dtype=np.float32).tobytes() + " ".join(sorted(words)).encode())
             p.pexpire(hkey, ttl)
         p.zcard(idx)
         *_, count = await p.execute()

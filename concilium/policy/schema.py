@@ -212,7 +212,8 @@ class SemanticCache(_Strict):
     """Serve the answer to an earlier prompt whose embedding (the router's static embedder) is at
     least `threshold` cosine-similar to this one; everything else in the request must match exactly."""
 
-    threshold: float = Field(0.95, gt=0, le=1)
+    # chosen on the tune half of benchmarks/cache_quality.py (see docs/apis.md, "Response cache")
+    threshold: float = Field(0.975, gt=0, le=1)
 
 
 class CacheConfig(_Strict):

@@ -55,6 +55,8 @@ def test_semantic_bucket_holds_everything_but_the_last_user_text():
     assert b1 == b2 and t1 != t2
     b3, _ = cache.semantic_parts({**BASE, "max_tokens": 3}, "main", "ns")
     assert b3 != b1
+    b4, _ = cache.semantic_parts({**BASE, "messages": [{"role": "user", "content": "What is 2+3?"}]}, "main", "ns")
+    assert b4 != b1  # other numbers: another question
     assert cache.semantic_parts({**BASE, "messages": [{"role": "assistant", "content": "x"}]}, "main", "ns") is None
 
 
@@ -65,18 +67,28 @@ def test_memory_store_expires_and_evicts_least_recently_used():
     v = np.ones(4, dtype=np.float32) / 2
 
     async def go():
-        await store.put("r", "a", b"A", cfg, "bucket", v)
+        await store.put("r", "a", b"A", cfg, "bucket", v, frozenset({"capital", "france"}))
         await store.put("r", "b", b"B", cfg)
         assert await store.get("r", "a") == b"A"  # a is now the most recent
         await store.put("r", "c", b"C", cfg)
         assert await store.get("r", "b") is None and store.size("r") == 2
-        found = await store.nearest("r", "bucket", v, 0.99)
+        found = await store.nearest("r", "bucket", v, 0.99, frozenset({"capital", "frnace"}))
         assert found.value == b"A" and found.similarity == pytest.approx(1.0)
-        assert await store.nearest("r", "bucket", -v, 0.5) is None
+        assert await store.nearest("r", "bucket", v, 0.99, frozenset({"capital", "spain"})) is None
+        assert await store.nearest("r", "bucket", -v, 0.5, frozenset({"capital", "france"})) is None
         now[0] = 11.0
-        assert await store.get("r", "a") is None and await store.nearest("r", "bucket", v, 0.5) is None
+        assert await store.get("r", "a") is None
+        assert await store.nearest("r", "bucket", v, 0.5, frozenset({"capital", "france"})) is None
 
     asyncio.run(go())
+
+
+def test_same_words_allows_case_punctuation_and_typos_only():
+    w = cache.prompt_words
+    assert cache.same_words(w("What is the capital of France?"), w("what's the capital of france"))
+    assert cache.same_words(w("What is the capital of France?"), w("What is the captial of Frnace"))
+    assert not cache.same_words(w("Write a poem about horses"), w("Write a poem about horses and cats"))
+    assert not cache.same_words(w("Write a poem about horses"), w("Write a poem about turtles"))
 
 
 POLICY = """
