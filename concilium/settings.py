@@ -16,3 +16,9 @@ class Settings(BaseSettings):
     policy_watch_s: float = 1.0  # poll interval for policy file changes; 0 disables
     log_level: str = "info"
     log_prompts: bool = False  # prompt text never reaches logs unless turned on
+    keys_file: str | None = None  # the key file `concilium keys` writes (default: <data_dir>/keys.yaml)
+    guard_store: str = "auto"  # budgets and rate limits: "auto" (Redis when redis_url is set) or "memory"
+
+    @property
+    def key_file_path(self) -> str:
+        return self.keys_file or f"{self.data_dir}/keys.yaml"

@@ -50,10 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _key_file(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    from concilium.guard.keys import default_key_file
     from concilium.settings import Settings
 
-    return default_key_file(Settings().data_dir)
+    return Path(Settings().key_file_path)
 
 
 def _entry(args: argparse.Namespace, key_hash: str) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,8 +112,6 @@ def merge(policy_keys: KeysSection, file_keys: KeysSection | None, file: str) ->
     return parse_keys(entries, f"{file} (with the policy's keys)")
 
 
-def default_key_file(data_dir: str) -> Path:
-    return Path(os.environ.get("CONCILIUM_KEYS_FILE") or Path(data_dir) / "keys.yaml")
 
 
 def read_key_file(path: Path) -> KeysSection | None:

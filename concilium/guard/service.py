@@ -18,11 +18,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from pathlib import Path
 from typing import Any
 
 from concilium.core.errors import APIError
 from concilium.core.plan import RoutePlan, Skipped
-from concilium.guard.keys import Key, KeyTable, Scope, default_key_file, merge, read_key_file
+from concilium.guard.keys import Key, KeyTable, Scope, merge, read_key_file
 from concilium.guard.store import NANO, Charge, Denied, ScopeUsage, Store, StoreUnavailable, Window
 from concilium.guard.store_memory import MemoryStore
 from concilium.policy.keys import KeysSection
@@ -174,7 +175,7 @@ class Guard:
     def __init__(self, state: Any, settings: Any) -> None:
         self.state = state
         self.settings = settings
-        self.key_file = default_key_file(settings.data_dir)
+        self.key_file = Path(settings.key_file_path)
         self._snap: Any = None
         self._file_mtime: float | None = None
         self._file_keys: KeysSection | None = None
@@ -229,7 +230,7 @@ class Guard:
     def store(self) -> Store:
         if self._store is None:
             url = self.settings.redis_url
-            if url and os.environ.get("CONCILIUM_GUARD_STORE", "auto") != "memory":
+            if url and self.settings.guard_store != "memory":
                 from concilium.guard.store_failover import FailoverStore
                 from concilium.guard.store_redis import RedisStore
 
