@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import urllib.request
 
+import anthropic
 import pytest
 
 from tests.guard.support import RedisServer, make_key, upstream_policy
@@ -92,6 +93,20 @@ def test_exact_hits_streamed_or_not_and_what_bypasses(upstream, gateway_factory)
         text = r.read().decode()
     assert 'concilium_cache_requests_total{kind="exact",result="hit",route="default"}' in text
     assert 'concilium_cache_requests_total{kind="",result="miss",route="default"}' in text
+
+
+def test_anthropic_messages_share_the_cache(upstream, gateway_factory):
+    gw = gateway_factory(policy(upstream.url, "cache: {}"))
+    client = anthropic.Anthropic(base_url=gw.base_url, api_key="x", max_retries=0)
+    kw = {"model": "concilium/auto", "max_tokens": 8, "extra_body": {"temperature": 0},
+          "messages": [{"role": "user", "content": "say something"}]}
+    first = client.messages.with_raw_response.create(**kw)
+    assert first.headers["x-concilium-cache"] == "miss"
+    again = client.messages.with_raw_response.create(**kw)
+    assert again.headers["x-concilium-cache"] == "hit" and again.parse().content[0].text == first.parse().content[0].text
+    with client.messages.stream(**kw) as s:
+        text = "".join(s.text_stream)
+    assert text == first.parse().content[0].text and calls(upstream) == 1
 
 
 def test_no_cache_section_no_header(upstream, gateway_factory):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -129,3 +131,11 @@ def test_route_overrides_and_cascade_routes():
         parse_policy(POLICY.replace("    targets: [m]", "    targets: [m]\n    strategy: cascade\n"
                                     "    cascade: {drafts: [m], scorer: checks}\n    cache: {}"))
     assert "routes[0].cache" in str(e.value)
+
+
+def test_policy_check_reports_a_bad_cache_section(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(POLICY + "cache: {ttl_s: -1, semantic: {threshold: 0}}\n")
+    run = subprocess.run([sys.executable, "-m", "concilium.cli", "policy", "check", str(f)],
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "cache.ttl_s" in run.stdout and "cache.semantic.threshold" in run.stdout
