@@ -128,7 +128,7 @@ def exact_key(body: dict[str, Any], route: str, ns: str) -> str:
     return _digest(route, ns, _normal(body))
 
 
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
 
 
 def prompt_numbers(text: str) -> list[str]:

@@ -59,6 +59,7 @@ def test_semantic_bucket_holds_everything_but_the_last_user_text():
     assert b3 != b1
     b4, _ = cache.semantic_parts({**BASE, "messages": [{"role": "user", "content": "What is 2+3?"}]}, "main", "ns")
     assert b4 != b1  # other numbers: another question
+    assert cache.prompt_numbers("from -3 to 3.5, 1,000") == ["-3", "3.5", "1,000"]
     assert cache.semantic_parts({**BASE, "messages": [{"role": "assistant", "content": "x"}]}, "main", "ns") is None
 
 
