@@ -119,7 +119,13 @@ def main() -> int:
                   f"${row['cost_per_prompt']:.2e} per prompt")
         if not args.no_gateway:
             t1 = time.time()
-            tg = through_gateway_row(data, args.folds, seeds[0], -res.oof["verifier"])
+            try:
+                tg = through_gateway_row(data, args.folds, seeds[0], -res.oof["verifier"])
+            except (RuntimeError, TimeoutError, OSError) as e:  # a gateway that does not start is a result too
+                out.setdefault("through_gateway_errors", {})[grading] = str(e)[-2000:]
+                print(f"through the gateway: failed ({str(e)[:300]})")
+                tg = None
+        if not args.no_gateway and tg is not None:
             summary[f"verifier, through the gateway (seed {seeds[0]})"] = tg
             print(f"through the gateway (seed {seeds[0]}, {tg['requests']} requests, {tg['failed']} failed, "
                   f"{time.time() - t1:.0f} s): APGR {tg['apgr']:.3f}, CPT(80%) {tg['cpt80']:.1%}, cost-aware "
