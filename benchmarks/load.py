@@ -14,18 +14,27 @@ loopback, pointed at the project's fake OpenAI-compatible upstream (instant answ
 
   added latency = a request's latency - the direct upstream's median for a streamed chat (for the
                   routing dry run and the job submission, which call no model, the whole latency)
-  sustained rate = the highest offered rate (a ladder of steps) at which every request succeeded,
-                  the server kept up (>= 95% of the offered rate) and the p99 added latency <= 50 ms
+  a step passes when every request succeeded, the server kept up (>= 95% of the offered rate) and
+                  the p99 added latency <= 50 ms; each step lasts max(--step-s, the time --min-requests
+                  requests take at its rate), so every p99 rests on at least that many samples (1000 by
+                  default: the p99 is then the 10th-worst latency, not the worst); the JSON records each
+                  step's duration, request count and the number of latencies its percentiles are drawn from
+  first failing rate = the lowest step of the ladder that did not pass (null: every step passed)
+  sustained rate     = the highest rate below which every step passes: all steps up to and including
+                       it passed (0 when the lowest step failed)
 
-The server under test is pinned to one core; the load generator and the upstream share the other.
-The soak then runs each server at half its sustained rate (or, if it met the latency target at no
-step, half the highest rate it kept up with) for --soak-s seconds (default 600), sampling the
-resident memory of its whole process tree every 5 s.
+The ladder goes on past the first failing step (what a server does there is reported too, e.g. the
+highest rate it kept up with) and stops once a step is well past saturation (errors, not kept up, or
+p99 above 4x the target). The server under test is pinned to one core; the load generator and the
+upstream share the other. The soak then runs each server at its sustained rate (if no step passed:
+at the lowest step, and the soak says so) for --soak-s seconds (default 600), sampling the resident
+memory of its whole process tree every 5 s.
 
 Run:  .venv/bin/python benchmarks/load.py                 (ladder + 10-minute soak per server)
       .venv/bin/python benchmarks/load.py --soak-s 60     (a shorter soak)
-      .venv/bin/python benchmarks/load.py --quick         (short steps, 30 s soak: a smoke run)
-Writes benchmarks/results/load.json.
+      .venv/bin/python benchmarks/load.py --quick         (3 s steps of >= 100 requests, 30 s soak: a
+                                                           smoke run, its p99s too thin to publish)
+Writes benchmarks/results/load.json (or --out).
 """
 
 from __future__ import annotations
@@ -166,7 +175,7 @@ async def open_loop(base: str, rate: float, seconds: float, mix: dict[str, float
         await asyncio.gather(*(one(i, k) for i, k in plan))
         wall = time.perf_counter() - t0
     done = sum(len(v) for v in lat.values())
-    return {"offered_rps": rate, "requests": n, "ok": done, "errors": len(errors), "error_samples": errors[:3],
+    return {"offered_rps": rate, "duration_s": round(n / rate, 3), "requests": n, "ok": done, "errors": len(errors), "error_samples": errors[:3],
             "achieved_rps": done / wall if wall > 0 else 0.0, "latencies": lat,
             "generator_lag_p99_ms": pct(lag, 99) * 1000}
 
@@ -182,6 +191,7 @@ def summarise(step: dict[str, Any], baseline_s: float) -> dict[str, Any]:
             per_kind[kind] = {"n": len(xs), "p50_ms": pct(xs, 50) * 1000, "p99_ms": pct(xs, 99) * 1000,
                               "added_p99_ms": pct(adds, 99) * 1000}
     step["per_kind"] = per_kind
+    step["samples"] = len(added)  # the latencies the step's percentiles are drawn from
     step["added_p50_ms"] = pct(added, 50) * 1000
     step["added_p99_ms"] = pct(added, 99) * 1000
     step["kept_up"] = step["achieved_rps"] >= 0.95 * step["offered_rps"]
@@ -190,32 +200,56 @@ def summarise(step: dict[str, Any], baseline_s: float) -> dict[str, Any]:
     return step
 
 
+def step_seconds(rate: float, step_s: float, min_requests: int) -> float:
+    """Long enough for the step's duration and for `min_requests` requests at `rate`."""
+    return max(step_s, min_requests / rate)
+
+
 def ladder(loop: asyncio.AbstractEventLoop, svc: Service, name: str, base: str, rates: list[float],
-           seconds: float, mix: dict[str, float], headers: dict[str, str], model: str,
+           step_s: float, min_requests: int, mix: dict[str, float], headers: dict[str, str], model: str,
            baseline_s: float) -> dict[str, Any]:
     steps = []
-    best = 0.0
+    first_failing: float | None = None
+    sustained = 0.0
     for rate in rates:
         cpu0 = svc.cpu_seconds()
+        seconds = step_seconds(rate, step_s, min_requests)
         step = summarise(loop.run_until_complete(open_loop(base, rate, seconds, mix, headers, model)), baseline_s)
         step["cpu_ms_per_request"] = (svc.cpu_seconds() - cpu0) * 1000 / max(1, step["ok"])
         step["server_core_busy"] = step["cpu_ms_per_request"] * step["achieved_rps"] / 1000  # of its one core
         steps.append(step)
-        mark = "ok" if step["meets_target"] else "--"
-        print(f"  {name:17s} {rate:6.0f} req/s offered  {step['achieved_rps']:6.1f} achieved  "
-              f"added p50 {step['added_p50_ms']:6.1f} ms  p99 {step['added_p99_ms']:7.1f} ms  "
-              f"cpu {step['cpu_ms_per_request']:5.2f} ms/req  errors {step['errors']}  {mark}", flush=True)
+        step["failed_because"] = [why for why, bad in (("errors", step["errors"] > 0),
+                                                       ("not kept up", not step["kept_up"]),
+                                                       ("p99 over target",
+                                                        not step["added_p99_ms"] <= P99_TARGET_S * 1000))
+                                  if bad]
         if step["meets_target"]:
-            best = rate
-        elif step["errors"] or not step["kept_up"] or step["added_p99_ms"] > 4 * P99_TARGET_S * 1000:
+            if first_failing is None:
+                sustained = rate
+        elif first_failing is None:
+            first_failing = rate
+        mark = "ok" if step["meets_target"] else "-- " + ", ".join(step["failed_because"])
+        print(f"  {name:17s} {rate:6.0f} req/s offered {step['duration_s']:5.0f} s {step['samples']:5d} samples  "
+              f"{step['achieved_rps']:6.1f} achieved  added p50 {step['added_p50_ms']:6.1f} ms  "
+              f"p99 {step['added_p99_ms']:7.1f} ms  cpu {step['cpu_ms_per_request']:5.2f} ms/req  "
+              f"errors {step['errors']}  {mark}", flush=True)
+        if not step["meets_target"] and (step["errors"] or not step["kept_up"]
+                                         or not step["added_p99_ms"] <= 4 * P99_TARGET_S * 1000):
             break  # well past saturation: higher steps only queue more
     kept = [s["offered_rps"] for s in steps if s["kept_up"] and s["errors"] == 0]
-    return {"server": name, "mix": mix, "sustained_rps": best, "max_kept_up_rps": max(kept, default=0.0),
+    passing = [s["offered_rps"] for s in steps if s["meets_target"]]
+    return {"server": name, "mix": mix,
+            "first_failing_rps": first_failing,      # null: every step of the ladder passed
+            "sustained_rps": sustained,              # every step up to and including it passed
+            "highest_passing_rps": max(passing, default=0.0),  # any step, passing steps above a failure too
+            "max_kept_up_rps": max(kept, default=0.0),
+            "min_samples_per_step": min((s["samples"] for s in steps), default=0),
             "steps": steps}
 
 
-def soak(loop: asyncio.AbstractEventLoop, svc: Service, name: str, base: str, rate: float, seconds: float,
-         mix: dict[str, float], headers: dict[str, str], model: str, every_s: float = 5.0) -> dict[str, Any]:
+def soak(loop: asyncio.AbstractEventLoop, svc: Service, name: str, base: str, rate: float, rate_basis: str,
+         seconds: float, mix: dict[str, float], headers: dict[str, str], model: str,
+         every_s: float = 5.0) -> dict[str, Any]:
     samples: list[tuple[float, float]] = []
     errors = 0
     t_start = time.perf_counter()
@@ -232,11 +266,11 @@ def soak(loop: asyncio.AbstractEventLoop, svc: Service, name: str, base: str, ra
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         den = sum((x - mx) ** 2 for x in xs)
         slope = (sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den * 60) if den else 0.0
-    out = {"server": name, "rate_rps": rate, "seconds": seconds, "errors": errors,
+    out = {"server": name, "rate_rps": rate, "rate_basis": rate_basis, "seconds": seconds, "errors": errors,
            "rss_first_mib": samples[0][1], "rss_last_mib": samples[-1][1],
            "rss_max_mib": max(s[1] for s in samples), "slope_second_half_mib_per_min": round(slope, 3),
            "samples": samples}
-    print(f"  {name:17s} soak {seconds:.0f}s at {rate:.0f} req/s: RSS {out['rss_first_mib']:.1f} -> "
+    print(f"  {name:17s} soak {seconds:.0f}s at {rate:.0f} req/s ({rate_basis}): RSS {out['rss_first_mib']:.1f} -> "
           f"{out['rss_last_mib']:.1f} MiB (max {out['rss_max_mib']:.1f}), second-half slope "
           f"{slope:+.2f} MiB/min, errors {errors}", flush=True)
     return out
@@ -250,21 +284,83 @@ def direct_baseline(loop: asyncio.AbstractEventLoop, upstream: Service) -> float
     return pct(xs, 50)
 
 
+def _fmt_rate(x: float | None, top: float) -> str:
+    return f"none up to {top:.0f}" if x is None else f"{x:.0f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def print_report(out: dict[str, Any]) -> None:
+    """The table and the Concilium / LiteLLM ratio rows, all read from one result (one run)."""
+    rates, target = out["settings"]["rates"], out["settings"]["p99_added_target_ms"]
+    lads = {lad["server"]: lad for lad in out["ladders"]}
+    soaks = {s["server"]: s for s in out["soaks"]}
+    print(f"\n| server | first failing req/s | sustained req/s (every step up to it passes: no error, kept up, "
+          f"p99 added <= {target:.0f} ms) | fewest samples in a step | added p50 / p99 (ms) at the sustained rate "
+          "| highest rate kept up with | soak |")
+    print("|---|---|---|---|---|---|---|")
+    for name, lad in lads.items():
+        at = next((s for s in lad["steps"] if s["offered_rps"] == lad["sustained_rps"]), None)
+        low = lad["steps"][0] if lad["steps"] else None
+        if at:
+            lat = f"{at['added_p50_ms']:.1f} / {at['added_p99_ms']:.1f}"
+        elif low:
+            lat = f"no step passed (lowest step: {low['added_p50_ms']:.1f} / {low['added_p99_ms']:.1f})"
+        else:
+            lat = "-"
+        sk = soaks.get(name)
+        if sk is None:
+            soak_txt = "the concilium-mixed soak (same process)" if name == "concilium-stream" else "-"
+        else:
+            soak_txt = (f"{sk['seconds']:.0f} s at {sk['rate_rps']:.0f} req/s ({sk['rate_basis']}): RSS "
+                        f"{sk['rss_first_mib']:.1f} -> {sk['rss_last_mib']:.1f} MiB, second-half slope "
+                        f"{sk['slope_second_half_mib_per_min']:+.2f} MiB/min, errors {sk['errors']}")
+        print(f"| {name} | {_fmt_rate(lad['first_failing_rps'], rates[-1])} | {lad['sustained_rps']:.0f} | "
+              f"{lad['min_samples_per_step']} | {lat} | {lad['max_kept_up_rps']:.0f} | {soak_txt} |")
+    c, lt = lads.get("concilium-stream"), lads.get("litellm-stream")
+    if not (c and lt):
+        return
+    print("\nstreamed chat, Concilium / LiteLLM (same run):")
+    rows = (("sustained rate", "sustained_rps", out["concilium_over_litellm_stream"]),
+            ("first failing rate", "first_failing_rps", out["concilium_over_litellm_stream_first_failing"]),
+            ("highest rate kept up with", "max_kept_up_rps", out["concilium_over_litellm_stream_kept_up"]))
+    for label, key, ratio in rows:
+        both = f"Concilium {_fmt_rate(c[key], rates[-1])}, LiteLLM {_fmt_rate(lt[key], rates[-1])} req/s"
+        if key == "first_failing_rps" and c[key] == lt[key] == rates[0]:
+            print(f"  {label}: both failed the lowest step ({rates[0]:.0f} req/s), no ratio")
+        elif ratio is not None:
+            print(f"  {label}: {ratio:.1f}x ({both})")
+        else:
+            print(f"  {label}: no ratio ({both})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--step-s", type=float, default=10.0, help="seconds per ladder step")
+    ap.add_argument("--step-s", type=float, default=10.0, help="minimum seconds per ladder step")
+    ap.add_argument("--min-requests", type=int, default=None,
+                    help="minimum requests per ladder step, so that its p99 means something (default 1000; "
+                         "100 with --quick); a low step lasts min-requests / rate seconds")
     ap.add_argument("--soak-s", type=float, default=None, help="soak duration per server (default 600 s)")
     ap.add_argument("--rates", default="5,10,20,30,40,60,80,100,125,150,200,250,300,400",
                     help="offered req/s ladder")
-    ap.add_argument("--quick", action="store_true", help="3 s steps and a 30 s soak (unless --soak-s)")
+    ap.add_argument("--quick", action="store_true",
+                    help="3 s steps of >= 100 requests and a 30 s soak (unless --step-s/--min-requests/--soak-s)")
     ap.add_argument("--no-litellm", action="store_true", help="skip LiteLLM's proxy")
     ap.add_argument("--out", default=str(RESULTS_DIR / "load.json"))
+    ap.add_argument("--report", metavar="FILE", help="print the table of a result file written before, run nothing")
     args = ap.parse_args(argv)
-    if args.quick:
+    if args.report:
+        print_report(json.loads(Path(args.report).read_text()))
+        return 0
+    if args.quick and "--step-s" not in (argv if argv is not None else sys.argv[1:]):
         args.step_s = 3.0
+    if args.min_requests is None:
+        args.min_requests = 100 if args.quick else 1000
     if args.soak_s is None:
         args.soak_s = 30.0 if args.quick else 600.0
-    rates = [float(r) for r in args.rates.split(",")]
+    rates = sorted(float(r) for r in args.rates.split(","))
     server_cores, driver_cores = split_cores()
     pin_self(driver_cores)
     loop = new_event_loop()
@@ -288,49 +384,46 @@ def main(argv: list[str] | None = None) -> int:
             services.append(lp)
             plans.append(("litellm-stream", lp, lp.base_url, {"stream": 1.0},
                           {"authorization": f"Bearer {lp.meta['master_key']}"}, MODEL))
-        print(f"ladder: {args.step_s:.0f} s per step, p99 added latency target {P99_TARGET_S * 1000:.0f} ms",
-              flush=True)
+        print(f"ladder: each step max({args.step_s:g} s, {args.min_requests} requests), p99 added latency "
+              f"target {P99_TARGET_S * 1000:.0f} ms", flush=True)
         for name, svc, base, mix, headers, model in plans:
             loop.run_until_complete(open_loop(base, 10, 1, mix, headers, model))  # warm up
-            results["ladders"].append(ladder(loop, svc, name, base, rates, args.step_s, mix, headers, model,
-                                             baseline))
-        print(f"soak: {args.soak_s:.0f} s per server at half its sustained rate", flush=True)
+            results["ladders"].append(ladder(loop, svc, name, base, rates, args.step_s, args.min_requests, mix,
+                                             headers, model, baseline))
+        print(f"soak: {args.soak_s:.0f} s per server at its sustained rate", flush=True)
         for (name, svc, base, mix, headers, model), lad in zip(plans, results["ladders"], strict=True):
             if name == "concilium-stream":
                 continue  # the mixed soak covers the same process
-            rate = max(5.0, (lad["sustained_rps"] or lad["max_kept_up_rps"]) / 2)
-            results["soaks"].append(soak(loop, svc, name, base, rate, args.soak_s, mix, headers, model))
+            if lad["sustained_rps"]:
+                rate, basis = lad["sustained_rps"], "sustained rate"
+            else:
+                rate, basis = rates[0], "lowest step: no step passed"
+            results["soaks"].append(soak(loop, svc, name, base, rate, basis, args.soak_s, mix, headers, model))
     finally:
         for s in reversed(services):
             s.stop()
-    by = {lad["server"]: lad["sustained_rps"] for lad in results["ladders"]}
-    kept = {lad["server"]: lad["max_kept_up_rps"] for lad in results["ladders"]}
-    ratio = (by["concilium-stream"] / by["litellm-stream"]) if by.get("litellm-stream") else None
-    kept_ratio = (kept["concilium-stream"] / kept["litellm-stream"]) if kept.get("litellm-stream") else None
-    print("\n| server | sustained req/s (p99 added <= 50 ms) | highest rate kept up with | added p50 / p99 at the "
-          "lowest step (ms) |\n|---|---|---|---|")
-    for lad in results["ladders"]:
-        first = lad["steps"][0]
-        print(f"| {lad['server']} | {lad['sustained_rps']:.0f} | {lad['max_kept_up_rps']:.0f} | "
-              f"{first['added_p50_ms']:.1f} / {first['added_p99_ms']:.1f} |")
-    if ratio is not None:
-        print(f"\nstreamed chat, Concilium / LiteLLM sustained rate: {ratio:.1f}x")
-    elif "litellm-stream" in by:
-        print("\nLiteLLM's proxy met the p99 target at no step of the ladder")
-    if kept_ratio is not None:
-        print(f"streamed chat, Concilium / LiteLLM highest rate kept up with: {kept_ratio:.1f}x")
+    lads = {lad["server"]: lad for lad in results["ladders"]}
+    by = {k: v["sustained_rps"] for k, v in lads.items()}
+    first = {k: v["first_failing_rps"] for k, v in lads.items()}
+    kept = {k: v["max_kept_up_rps"] for k, v in lads.items()}
+    ratios = {"sustained": _ratio(by.get("concilium-stream"), by.get("litellm-stream")),
+              "first_failing": _ratio(first.get("concilium-stream"), first.get("litellm-stream")),
+              "max_kept_up": _ratio(kept.get("concilium-stream"), kept.get("litellm-stream"))}
     out = {"benchmark": "load", "git_commit": git_commit(), "machine": machine_info(),
            "versions": versions(["fastapi", "uvicorn", "aiohttp", "redis", "litellm", "orjson"]),
            "litellm_proxy_version": "1.106.2" if not args.no_litellm else None,
-           "settings": {"step_s": args.step_s, "soak_s": args.soak_s, "rates": rates,
-                        "p99_added_target_ms": P99_TARGET_S * 1000, "server_cores": sorted(server_cores or []),
-                        "driver_cores": sorted(driver_cores or [])},
+           "settings": {"quick": args.quick, "step_s": args.step_s, "min_requests_per_step": args.min_requests,
+                        "soak_s": args.soak_s, "rates": rates, "p99_added_target_ms": P99_TARGET_S * 1000,
+                        "server_cores": sorted(server_cores or []), "driver_cores": sorted(driver_cores or [])},
            "direct_upstream_stream_p50_ms": baseline * 1000,
-           "sustained_rps": by, "max_kept_up_rps": kept, "concilium_over_litellm_stream": ratio,
-           "concilium_over_litellm_stream_kept_up": kept_ratio, **results}
+           "first_failing_rps": first, "sustained_rps": by, "max_kept_up_rps": kept,
+           "concilium_over_litellm_stream": ratios["sustained"],
+           "concilium_over_litellm_stream_first_failing": ratios["first_failing"],
+           "concilium_over_litellm_stream_kept_up": ratios["max_kept_up"], **results}
+    json.dumps(out)  # fail loudly here, not in a reader, if something is not serialisable
+    print_report(out)
     write_json(Path(args.out), out)
     print(f"wrote {args.out}")
-    json.dumps(out)  # fail loudly here, not in a reader, if something is not serialisable
     return 0
 
 
