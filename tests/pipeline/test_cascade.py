@@ -11,6 +11,7 @@ from concilium.pipeline.cascade import check_strategies
 from concilium.policy.loader import PolicyError, parse_policy
 from concilium.testing.fake_upstream import _split
 from tests.guard.support import make_key
+from tests.support import wait_until
 
 GOOD = "Add them: 2 + 2 = 4 so the answer is #### 4"  # the rules verifier scores its echo 0.8
 BAD = "Add them: 2 + 2 = 5 so the answer is #### 5"  # wrong arithmetic: 0.16
@@ -216,3 +217,25 @@ def test_a_logprobs_scorer_asks_the_drafts_for_logprobs(fake_upstream, upstream,
     g.client().chat.completions.create(model="concilium/auto", messages=[{"role": "user", "content": BAD}])
     last = upstream.stats()["last_body"]
     assert last["model"] == "cheap-up" and last["logprobs"] is True
+
+
+def test_a_client_that_leaves_cancels_the_cascade(gw, upstream):
+    """Gone while the draft thinks: the draft's call is dropped and nothing escalates; gone while the
+    escalation streams: the strong model's stream is closed."""
+    upstream.script("cheap-up", [{"delay_s": 2.0}])
+    with pytest.raises(openai.APITimeoutError):
+        gw.client(timeout=0.5).chat.completions.create(
+            model="concilium/auto", messages=[{"role": "user", "content": BAD}])
+    wait_until(lambda: upstream.stats()["completed"] >= 1, 10, "the draft's upstream to finish its answer")
+    ask(gw, GOOD)  # a later request through the same gateway: by now an escalation would have been sent
+    assert upstream.stats()["by_model"].get("strong-up", 0) == 0
+
+    upstream.reset()
+    upstream.default("strong-up", {"chunk_delay_s": 0.3})
+    with httpx.stream("POST", gw.v1 + "/chat/completions", timeout=10,
+                      json={"model": "concilium/auto", "messages": [{"role": "user", "content": BAD}],
+                            "stream": True}) as r:
+        for line in r.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                break  # the escalation's first token: leave
+    wait_until(lambda: upstream.stats()["disconnected"] == 1, 10, "the strong model's stream to be closed")
