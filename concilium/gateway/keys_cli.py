@@ -73,6 +73,20 @@ def _entry(args: argparse.Namespace, key_hash: str) -> dict:
     return entry
 
 
+def _save(path: Path, entries: list) -> bool:
+    """Write the key file's entries if they are a valid key section; else say why and write nothing."""
+    from concilium.policy.keys import parse_keys
+    from concilium.policy.loader import PolicyError
+
+    try:
+        parse_keys(entries, str(path))
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return False
+    _write(path, entries)
+    return True
+
+
 def _write(path: Path, entries: list[dict]) -> None:
     import yaml
 
@@ -118,12 +132,8 @@ def create(args: argparse.Namespace) -> int:
         print(f"{path}: a key named {args.name!r} already exists", file=sys.stderr)
         return 2
     entries.append(entry)
-    try:
-        parse_keys(entries, str(path))
-    except PolicyError as e:
-        print(e, file=sys.stderr)
+    if not _save(path, entries):
         return 2
-    _write(path, entries)
     print(key)
     print(f"# stored the hash of key {args.name!r} in {path}; the key itself is shown only now", file=sys.stderr)
     return 0
@@ -158,7 +168,6 @@ def _change(args: argparse.Namespace, edit) -> int:
     """Apply `edit(entries, index)` to the key named `args.name` in the key file, check, write."""
     import yaml
 
-    from concilium.policy.keys import parse_keys
     from concilium.policy.loader import PolicyError, load_key_file
 
     path = _key_file(args.file)
@@ -177,12 +186,8 @@ def _change(args: argparse.Namespace, edit) -> int:
               file=sys.stderr)
         return 2
     out = edit(entries, where[0])
-    try:
-        parse_keys(entries, str(path))
-    except PolicyError as e:
-        print(e, file=sys.stderr)
+    if not _save(path, entries):
         return 2
-    _write(path, entries)
     if out:
         print(out)
     return 0

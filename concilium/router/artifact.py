@@ -34,6 +34,20 @@ class ArtifactError(ValueError):
     """A router directory that cannot be loaded; the message says which file and why."""
 
 
+def read_versioned_json(path: Path, fmt: str, version: int, error: type[Exception]) -> dict[str, Any]:
+    """A saved artifact's JSON config, refused (as `error`) when it is not JSON or of another
+    format or version. The caller checks that the file exists (its message names what is missing)."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != fmt or cfg.get("version") != version:
+        got = cfg if isinstance(cfg, dict) else {}
+        raise error(f"{path}: expected format {fmt!r} version {version}, "
+                    f"got {got.get('format')!r} version {got.get('version')!r}")
+    return cfg
+
+
 @dataclass
 class Heads:
     """Linear heads over standardised features z = (x - mu) / sd."""
@@ -98,15 +112,7 @@ class Artifact:
         cfg_path = folder / CONFIG
         if not cfg_path.is_file():
             raise ArtifactError(f"{folder}: not a router artifact (no {CONFIG})")
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"{cfg_path}: not valid JSON ({e.msg})") from None
-        if cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
-            raise ArtifactError(
-                f"{cfg_path}: expected format {FORMAT!r} version {VERSION}, "
-                f"got {cfg.get('format')!r} version {cfg.get('version')!r}"
-            )
+        cfg = read_versioned_json(cfg_path, FORMAT, VERSION, ArtifactError)
         if cfg["features"]["lexical"] != list(FEATURE_NAMES):
             raise ArtifactError(f"{cfg_path}: trained with other lexical features; retrain it with this version")
         try:

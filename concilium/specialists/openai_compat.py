@@ -238,25 +238,7 @@ class OpenAICompatProvider(Provider):
 
     async def _complete_at(self, body: dict[str, Any], timeout: float, at: Replica | None) -> dict[str, Any]:
         data, headers = self._request(body, stream=False, at=at)
-        try:
-            async with self._get_session().post(
-                self._url(at, "/chat/completions"), data=data, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp:
-                if resp.status != 200:
-                    raise await error_from_response(resp, self.name)
-                raw = await resp.read()
-        except TimeoutError:
-            raise ProviderError(f"{self.name}: timed out after {timeout:g}s", status=504, code="timeout") from None
-        except aiohttp.ClientError as e:
-            raise ProviderError(f"{self.name}: connection failed: {describe(e)}", code="connection_error") from None
-        try:
-            out = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise ProviderError(f"{self.name}: upstream sent invalid JSON", code="bad_upstream_json") from None
-        if not isinstance(out, dict) or not isinstance(out.get("choices"), list):
-            raise ProviderError(f"{self.name}: upstream response has no choices", code="bad_upstream_json")
-        return out
+        return await self._post_json(at, "/chat/completions", data, headers, timeout, "choices")
 
     async def embed(self, body: dict[str, Any], *, timeout: float) -> dict[str, Any]:
         return await self._balanced(lambda at: self._embed_at(body, timeout, at))
@@ -265,9 +247,13 @@ class OpenAICompatProvider(Provider):
         payload = {k: body[k] for k in _EMBED_FIELDS if body.get(k) is not None}
         payload["model"] = (at.spec.model if at is not None else None) or self.spec.model
         _, headers = self._request({}, stream=False, at=at)
-        url = self._url(at, "/embeddings")
+        return await self._post_json(at, "/embeddings", orjson.dumps(payload), headers, timeout, "data")
+
+    async def _post_json(self, at: Replica | None, path: str, data: bytes, headers: dict[str, str], timeout: float,
+                         listed: str) -> dict[str, Any]:
+        """POST a non-streamed request; the JSON object answered, which must hold a list `listed`."""
         try:
-            async with self._get_session().post(url, data=orjson.dumps(payload), headers=headers,
+            async with self._get_session().post(self._url(at, path), data=data, headers=headers,
                                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 if resp.status != 200:
                     raise await error_from_response(resp, self.name)
@@ -280,8 +266,8 @@ class OpenAICompatProvider(Provider):
             out = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise ProviderError(f"{self.name}: upstream sent invalid JSON", code="bad_upstream_json") from None
-        if not isinstance(out, dict) or not isinstance(out.get("data"), list):
-            raise ProviderError(f"{self.name}: upstream response has no data", code="bad_upstream_json")
+        if not isinstance(out, dict) or not isinstance(out.get(listed), list):
+            raise ProviderError(f"{self.name}: upstream response has no {listed}", code="bad_upstream_json")
         return out
 
     def stream(self, body: dict[str, Any], *, timeout: float) -> SSEEvents:

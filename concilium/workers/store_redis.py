@@ -244,11 +244,14 @@ class RedisJobStore(JobStore):
     @_guarded
     async def read(self, job_id, after=-1, block_s=0.0, count=1000):
         streams = {self._k(job_id) + ":ev": f"0-{after + 1}"}
-        res = await self.redis.xread(streams, count=count)
-        for block in block_slices(block_s, self._max_block_s):
-            if res:
-                break
-            res = await self.redis.xread(streams, count=count, block=max(1, int(block * 1000)))
+        if block_s <= 0:
+            res = await self.redis.xread(streams, count=count)
+        else:  # XREAD BLOCK answers at once when there are events already
+            res = None
+            for block in block_slices(block_s, self._max_block_s):
+                res = await self.redis.xread(streams, count=count, block=max(1, int(block * 1000)))
+                if res:
+                    break
         if not res:
             return []
         out = []

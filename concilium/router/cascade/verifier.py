@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from concilium.router.artifact import read_versioned_json
 from concilium.router.cascade.answers import check_arithmetic, final_answer, unescape_markdown
 from concilium.router.cascade.base import Draft, Scorer
 from concilium.router.cascade.features import (
@@ -144,13 +145,7 @@ class Verifier(Scorer):
         path = folder / CONFIG
         if not path.is_file():
             raise VerifierError(f"{folder}: no trained verifier ({CONFIG} missing)")
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise VerifierError(f"{path}: not valid JSON ({e.msg})") from None
-        if cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
-            raise VerifierError(f"{path}: expected format {FORMAT!r} version {VERSION}, got "
-                                f"{cfg.get('format')!r} version {cfg.get('version')!r}")
+        cfg = read_versioned_json(path, FORMAT, VERSION, VerifierError)
         try:
             config = VerifierConfig(**cfg["config"])
         except (KeyError, TypeError) as e:
