@@ -2,6 +2,9 @@
 
 - Every command has a read timeout (`timeout_s`, 5 s by default): a dead server or a half-open
   connection is noticed instead of hanging a request.
+- Opening a connection may take up to `CONNECT_TIMEOUT_S` whatever the read timeout: a refused
+  connection fails at once anyway, and a busy machine opening a burst of connections must not read
+  as a Redis outage.
 - A blocking command (XREAD BLOCK, BLPOP) must therefore never block for longer than the read
   timeout, or the client gives up on a healthy server. Callers wait in slices of at most
   `max_block_s(client)` (see `block_slices`), so a stream can stay open for hours.
@@ -48,7 +51,7 @@ def connect(url: str, *, retry_s: float = 0.0, timeout_s: float = TIMEOUT_S,
         retry = Retry(backoff, _retries(retry_s, backoff))
     else:
         retry = Retry(NoBackoff(), 0)
-    return Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=min(timeout_s, CONNECT_TIMEOUT_S),
+    return Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=CONNECT_TIMEOUT_S,
                           health_check_interval=10, retry=retry, retry_on_error=list(DOWN),
                           decode_responses=decode_responses)
 

@@ -106,7 +106,7 @@ async def test_month_window_keeps_day_spend_apart(store):
 
 
 async def test_two_redis_clients_never_overspend(redis_server):
-    a, b = RedisStore(redis_server.url), RedisStore(redis_server.url)
+    a, b = RedisStore(redis_server.url, timeout_s=5.0), RedisStore(redis_server.url, timeout_s=5.0)
     c = Charge("key:shared", 1_000, 0, cap_day=25_000)
     try:
         results = await asyncio.gather(*((a if i % 2 else b).reserve(f"x{i}", [c], 60, W) for i in range(60)))
