@@ -48,6 +48,27 @@ class CascadeStep(BaseModel):
     error: str | None = None
 
 
+class Step(BaseModel):
+    """One call of a composition (`fusion` or `chain`): planned (role, model, what it reads) and,
+    once it ran, what happened. The answers themselves are not part of the plan."""
+
+    id: str  # p1, p2 (panel), l2.p1 (a second Mixture-of-Agents layer), plan, s1 (chain steps), synth
+    role: Literal["planner", "panelist", "specialist", "synthesiser"]
+    model: str
+    layer: int = 1
+    seed: int | None = None  # a panelist sampled more than once: each sample its own seed
+    category: str | None = None  # a chain step's category (the planner's, else the router's)
+    task: str | None = None  # a chain step's part of the request (text of the request: not logged)
+    after: list[str] = Field(default_factory=list)  # the steps whose results this one reads
+    reason: str = ""
+    est_cost_usd: float | None = None
+    status: Literal["planned", "ok", "failed", "cancelled", "restored"] = "planned"
+    usage: dict | None = None
+    cost_usd: float | None = None
+    latency_s: float | None = None
+    error: str | None = None
+
+
 class Prediction(BaseModel):
     """What the learned dispatcher predicted for the request (absent for rule-only decisions)."""
 
@@ -77,10 +98,16 @@ class RoutePlan(BaseModel):
     retries: int = 0  # retries per candidate before falling back
     queue: str | None = None  # background queue name when mode == "background"
     # `cascade`: the drafts are tried first, in order; `candidates` answer only when no draft is accepted.
-    strategy: Literal["single", "cascade"] = "single"
+    strategy: Literal["single", "cascade", "fusion", "chain"] = "single"
     cascade: list[CascadeStep] = Field(default_factory=list)
     scorer: dict | None = None  # the cascade's scorer, as a policy spec
     escalation_p: float | None = None  # predicted chance that no draft is accepted (from the prompt router)
+    # `fusion` / `chain`: the calls before the synthesis (the synthesiser is `candidates`), as a small DAG.
+    steps: list[Step] = Field(default_factory=list)
+    # A chain planned by a model: how many steps it may still add, and the models they may use
+    # (what the budget reserves for).
+    pending_steps: int = 0
+    pending_models: list[str] = Field(default_factory=list)
 
     @property
     def summary(self) -> str:

@@ -1,5 +1,5 @@
-"""POST /v1/chat/completions: admit, plan, execute (one model, a cascade, or a background job) and
-settle, answering in OpenAI's shapes.
+"""POST /v1/chat/completions: admit, plan, execute (one model, a cascade, a fusion or chain, or a
+background job) and settle, answering in OpenAI's shapes.
 
 This route stays a plain Starlette-style endpoint that takes only the `Request` (see fastpath.py:
 FastAPI's dependency solving costs more CPU than the rest of a proxied request), so it reads the
@@ -40,7 +40,7 @@ from concilium.specialists.base import CONTEXT_LENGTH_EXCEEDED, ProviderError
 _DONE = b"data: [DONE]\n\n"
 
 
-def _provider_error(e: ProviderError | call.AllCandidatesFailed, plan: RoutePlan) -> APIError:
+def provider_error(e: ProviderError | call.AllCandidatesFailed, plan: RoutePlan) -> APIError:
     if isinstance(e, call.AllCandidatesFailed):
         last = e.last
         if e.attempts and all(a.code == CONTEXT_LENGTH_EXCEEDED for a in e.attempts):
@@ -58,7 +58,7 @@ def _provider_error(e: ProviderError | call.AllCandidatesFailed, plan: RoutePlan
                     headers=plan_headers(plan))
 
 
-def _cost(request: Request, snap: Snapshot, *call: Any) -> float | None:
+def call_cost(request: Request, snap: Snapshot, *call: Any) -> float | None:
     """`snap.cost_usd(*call)`, the cost of one call, added to the request's total for the access log."""
     cost = snap.cost_usd(*call)
     if cost:
@@ -66,7 +66,7 @@ def _cost(request: Request, snap: Snapshot, *call: Any) -> float | None:
     return cost
 
 
-async def _until_disconnect(request: Request) -> None:
+async def until_disconnect(request: Request) -> None:
     while True:
         msg = await request.receive()
         if msg["type"] == "http.disconnect":
@@ -105,6 +105,10 @@ async def answer(request: Request, body: dict[str, Any], t0: float | None = None
             return resp
         if plan.strategy == "cascade":
             return await _cascade(request, body, plan, snap, t0, ticket)
+        if plan.strategy in ("fusion", "chain"):
+            from concilium.gateway import composition
+
+            return await composition.serve(request, body, plan, snap, t0, ticket)
         look = None
         if snap.cache is not None:  # the response cache (a policy without `cache:` pays only this check)
             look = await caching.lookup(request, body, plan, snap, ticket)
@@ -127,7 +131,7 @@ async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapsho
                     look: caching.Lookup | None = None) -> Response:
     metrics = request.app.state.services.metrics
     task = asyncio.ensure_future(call.complete(plan, body, snap.ctx))
-    watcher = asyncio.ensure_future(_until_disconnect(request))
+    watcher = asyncio.ensure_future(until_disconnect(request))
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -142,13 +146,13 @@ async def _complete(request: Request, body: dict, plan: RoutePlan, snap: Snapsho
         model, result, attempts = task.result()
     except (ProviderError, call.AllCandidatesFailed) as e:
         metrics.requests.labels(plan.candidates[0].model, plan.route, "error").inc()
-        raise _provider_error(e, plan) from None
+        raise provider_error(e, plan) from None
     usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
     # Built before it is counted: a response that cannot be built is a failure, not an "ok".
     response = Response(orjson.dumps(result), media_type="application/json",
                         headers={**plan_headers(plan, model), **(headers or {})})
     elapsed = time.perf_counter() - t0
-    metrics.record(model, plan.route, "ok", elapsed, usage, _cost(request, snap, model, usage, elapsed))
+    metrics.record(model, plan.route, "ok", elapsed, usage, call_cost(request, snap, model, usage, elapsed))
     if ticket is not None:
         ticket.done(model, usage, "ok")
     if attempts:
@@ -166,7 +170,7 @@ async def _stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot,
         handle = await call.stream(plan, body, snap.ctx)
     except (ProviderError, call.AllCandidatesFailed) as e:
         metrics.requests.labels(plan.candidates[0].model, plan.route, "error").inc()
-        raise _provider_error(e, plan) from None
+        raise provider_error(e, plan) from None
     collector = caching.StreamCollector(look) if look is not None and look.store else None
     return _serve_stream(request, body, plan, snap, t0, ticket, handle, headers, collector=collector)
 
@@ -191,21 +195,21 @@ def _serve_stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot,
         finished = True
         await call._aclose(handle.rest)
         elapsed = time.perf_counter() - t0
-        metrics.record(handle.model, plan.route, status, elapsed, usage, _cost(request, snap, handle.model, usage, elapsed))
+        metrics.record(handle.model, plan.route, status, elapsed, usage, call_cost(request, snap, handle.model, usage, elapsed))
         if ticket is not None:
             ticket.done(handle.model, usage, status, prior or ())
         if collector is not None and status == "ok" and (result := collector.completion()) is not None:
             await caching.save(request, collector.look, handle.model, result)
 
     return EventStreamResponse(
-        _relay(handle, want_usage, finish, collector),
+        relay(handle, want_usage, finish, collector),
         media_type="text/event-stream",
         headers={**plan_headers(plan, handle.model), **(headers or {}), "cache-control": "no-cache"},
         on_close=lambda: finish("cancelled", None),
     )
 
 
-async def _relay(handle: call.StreamHandle, want_usage: bool, finish: Any,
+async def relay(handle: call.StreamHandle, want_usage: bool, finish: Any,
                  collector: caching.StreamCollector | None = None) -> AsyncIterator[bytes]:
     usage: dict | None = None
     status = "ok"
@@ -273,7 +277,7 @@ async def _cascade(request: Request, body: dict, plan: RoutePlan, snap: Snapshot
         return call.stream(p, body, snap.ctx) if stream else call.complete(p, body, snap.ctx)
 
     task = asyncio.ensure_future(cascade.run(plan, body, snap, final))
-    watcher = asyncio.ensure_future(_until_disconnect(request))
+    watcher = asyncio.ensure_future(until_disconnect(request))
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -300,12 +304,12 @@ async def _cascade(request: Request, body: dict, plan: RoutePlan, snap: Snapshot
     draft_calls = [c for c in run.calls if c.model != run.draft_model or not c.ok]
     for c in draft_calls:
         metrics.record(c.model, plan.route, "draft" if c.ok else "draft-error", c.seconds, c.usage,
-                       _cost(request, snap, c.model, c.usage, c.seconds))
+                       call_cost(request, snap, c.model, c.usage, c.seconds))
     if run.error is not None:
         metrics.requests.labels(plan.candidates[0].model if plan.candidates else "none", plan.route, "error").inc()
         if ticket is not None:
             ticket.done(None, None, "failed", draft_calls)  # the drafts were called: they are paid
-        raise _provider_error(run.error, plan) from None
+        raise provider_error(run.error, plan) from None
     answered = run.draft_model if run.draft is not None else (
         run.final.model if stream else run.final[0])  # type: ignore[union-attr,index]
     headers = {"x-concilium-strategy": "cascade",
@@ -314,7 +318,7 @@ async def _cascade(request: Request, body: dict, plan: RoutePlan, snap: Snapshot
         result, model = run.draft, run.draft_model
         usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
         elapsed = time.perf_counter() - t0
-        metrics.record(model, plan.route, "ok", elapsed, usage, _cost(request, snap, model, usage, elapsed))
+        metrics.record(model, plan.route, "ok", elapsed, usage, call_cost(request, snap, model, usage, elapsed))
         if ticket is not None:
             ticket.done(model, usage, "ok", draft_calls)
         if stream:
@@ -331,7 +335,7 @@ async def _cascade(request: Request, body: dict, plan: RoutePlan, snap: Snapshot
     response = Response(orjson.dumps(_explained(request, result, run)), media_type="application/json",
                         headers={**plan_headers(plan, model), **headers})
     elapsed = time.perf_counter() - t0
-    metrics.record(model, plan.route, "ok", elapsed, usage, _cost(request, snap, model, usage, elapsed))
+    metrics.record(model, plan.route, "ok", elapsed, usage, call_cost(request, snap, model, usage, elapsed))
     if ticket is not None:
         ticket.done(model, usage, "ok", draft_calls)
     if attempts:

@@ -35,6 +35,11 @@ class Metrics:
                                "trusted, skipped, failed)", ["route", "model", "outcome"], registry=r)
         self.cascade_score = Histogram("concilium_cascade_score", "Scores of cascade drafts", ["route", "model"],
                                        buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
+        self.composition_steps = Counter("concilium_composition_steps", "Calls of fusion panels and chains before "
+                                         "the synthesis, by role and status (ok, failed, cancelled, restored)",
+                                         ["route", "role", "status"], registry=r)
+        self.composition_synthesis = Histogram("concilium_composition_synthesis_seconds", "Time the synthesiser of "
+                                               "a fusion or chain took", ["route"], registry=r)
         self.rejected = Counter("concilium_rejected_requests", "Requests refused with 401, 403 or 429, by status and "
                                 "error code", ["status", "code"], registry=r)
         self.jobs_queued = Gauge("concilium_jobs_queued", "Jobs waiting in each queue for a worker (at scrape time)",

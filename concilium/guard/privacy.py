@@ -12,6 +12,7 @@ from typing import Any
 from concilium.core.plan import RoutePlan, Skipped
 from concilium.guard import logs
 from concilium.guard.pii import findings, prompt_text, redact
+from concilium.pipeline.compose import downgraded
 from concilium.policy.privacy import Privacy
 from concilium.policy.schema import Policy
 
@@ -42,12 +43,23 @@ def restrict(plan: RoutePlan, policy: Policy, pii: bool | None) -> RoutePlan:
     cfg = policy.privacy
     if not pii or cfg.on_pii is None:
         return plan
-    allowed = {c.model for c in plan.candidates
-               if (spec := policy.models.get(c.model)) is not None and cfg.may_see_pii(spec)}
+    def may(model: str) -> bool:
+        spec = policy.models.get(model)
+        return spec is not None and cfg.may_see_pii(spec)
+
+    why = "the prompt contains PII and privacy.on_pii keeps it on " + _allowed_words(cfg)
+    if plan.strategy in ("fusion", "chain") and not all(may(m) for m in
+                                                         [*(s.model for s in plan.steps), *plan.pending_models]):
+        plan = downgraded(plan, "a step's model may not see this prompt (" + why + ")")
+    if any(s.action != "skip" and not may(s.model) for s in plan.cascade):
+        cascade = [s if s.action == "skip" or may(s.model) else s.model_copy(update={"action": "skip", "reason": why})
+                   for s in plan.cascade]
+        live = any(s.action != "skip" for s in cascade)
+        plan = plan.model_copy(update={"cascade": cascade, "strategy": "cascade" if live else "single"})
+    allowed = {c.model for c in plan.candidates if may(c.model)}
     keep = [c for c in plan.candidates if c.model in allowed]
     if len(keep) == len(plan.candidates):
         return plan
-    why = "the prompt contains PII and privacy.on_pii keeps it on " + _allowed_words(cfg)
     dropped = [Skipped(model=c.model, reason=why) for c in plan.candidates if c.model not in allowed]
     reasons = list(plan.reasons)
     if keep:

@@ -26,6 +26,7 @@ from concilium.core.plan import RoutePlan, Skipped
 from concilium.guard.keys import Key, KeyTable, Scope, merge, read_key_file
 from concilium.guard.store import NANO, Charge, Denied, ScopeUsage, Store, StoreUnavailable, Window
 from concilium.guard.store_memory import MemoryStore
+from concilium.pipeline.compose import downgraded
 from concilium.policy.keys import KeysSection
 from concilium.policy.loader import PolicyError
 from concilium.policy.pricing import cost_nano, max_cost_nano, prompt_tokens_bound
@@ -123,7 +124,10 @@ class Ticket:
     scopes: list[Scope]
     model_scopes: dict[str, tuple[Scope, ...]]
     specs: dict[str, Any]
-    prior_costs: dict[str, int] = field(default_factory=dict)  # a cascade's drafts: model -> reserved
+    # The calls before the answer (a cascade's drafts, a composition's panel or steps): model -> the
+    # sum reserved for them; `costs` holds the most one call to each model may cost.
+    prior_costs: dict[str, int] = field(default_factory=dict)
+    top: int | None = None  # what was reserved for the answer (the priciest candidate)
     started: float = field(default_factory=time.monotonic)
     settled: bool = False
 
@@ -134,7 +138,8 @@ class Ticket:
         if self.settled:
             return
         self.settled = True
-        reserve_top = max((c for m, c in self.costs.items() if m not in self.prior_costs), default=0)
+        reserve_top = self.top if self.top is not None else max(
+            (c for m, c in self.costs.items() if m not in self.prior_costs), default=0)
         spent, tokens = 0, 0
         if outcome == "cached":
             model, outcome = None, "failed"  # free: the reservation is released
@@ -146,8 +151,8 @@ class Ticket:
             spent, tokens = reserve_top + sum(self.prior_costs.values()), self.counted_tokens + self.out_tokens
         per_model: dict[str | None, tuple[int, int]] = {model: (spent, tokens)}
         for c in prior:  # each call is paid once, at what it used (its reservation when it reported nothing)
-            if c.model not in self.specs:
-                continue
+            if c.model not in self.specs or (not getattr(c, "ok", True) and c.usage is None):
+                continue  # a call the provider refused with an error: nothing to pay
             cost = cost_nano(self.specs[c.model], c.usage, c.seconds, self.costs[c.model])
             nano = self.costs[c.model] if cost is None else cost
             toks = int((c.usage or {}).get("total_tokens") or 0) or sum(
@@ -301,13 +306,9 @@ class Guard:
         seconds = {c.model: (c.timeout_s or plan.timeout_s or snap.policy.limits.default_timeout_s)
                    * (plan.retries + 1) for c in candidates}
         all_costs = {m: max_cost_nano(specs[m], prompt, out, seconds[m]) for m in specs}
-        # A cascade may pay every draft and then the priciest candidate: the worst case is their sum.
-        drafts = [s.model for s in plan.cascade if s.action != "skip" and s.model not in specs]
-        for m in drafts:
-            specs[m] = snap.policy.models[m]
-            t = snap.policy.models[m].timeout_s or plan.timeout_s or snap.policy.limits.default_timeout_s
-            all_costs[m] = max_cost_nano(specs[m], prompt, out, t)
-        prior_costs = {m: all_costs[m] for m in drafts}
+        # A cascade may pay every draft, a composition every panel call or step, and then the priciest
+        # candidate: the worst case is their sum, reserved before the first call.
+        prior_costs = self._prior_costs(plan, snap, specs, all_costs, prompt, out)
         rid = plan.request_id + "-" + uuid.uuid4().hex[:8]
         dropped: list[Skipped] = []
         while True:
@@ -319,13 +320,19 @@ class Guard:
             charges = [scope_charge(s, top + sum(prior_costs.values()), prompt) for s in key.scopes]
             model_scopes = {m: key.model_scopes[m] for m in [*costs, *prior_costs] if m in key.model_scopes}
             for m, scopes in model_scopes.items():
-                charges += [scope_charge(s, costs.get(m, prior_costs.get(m, 0)), prompt) for s in scopes]
+                charges += [scope_charge(s, costs.get(m, 0) + prior_costs.get(m, 0), prompt) for s in scopes]
             if not charges:
                 denied = None
             else:
                 denied = await self.store.reserve(rid, charges, RESERVATION_TTL_S, Window.at())
             if denied is None:
                 break
+            if prior_costs and plan.strategy in ("fusion", "chain") and _downgrades(plan, snap):
+                # the key cannot afford the fan-out: the policy says answer with `single` instead
+                plan = downgraded(plan, f"the key's budget cannot cover the {plan.strategy}'s "
+                                  f"{len(plan.steps) - 1 + plan.pending_steps} calls")
+                prior_costs = {}
+                continue
             over = next((m for m, ss in model_scopes.items() if any(x.name == denied.scope for x in ss)), None)
             if over in costs and len(candidates) > 1:  # that model is over its limits: try the others
                 candidates = [c for c in candidates if c.model != over]
@@ -355,6 +362,38 @@ class Guard:
                                            "reasons": reasons})
         elif len(candidates) != len(plan.candidates):
             plan = plan.model_copy(update={"candidates": candidates})
-        ticket = Ticket(self, rid, key, {**costs, **prior_costs}, prompt, out, list(key.scopes), model_scopes, specs,
-                        prior_costs)
+        per_call = {m: all_costs[m] for m in prior_costs}
+        ticket = Ticket(self, rid, key, {**per_call, **costs}, prompt, out, list(key.scopes), model_scopes, specs,
+                        prior_costs, top=top)
         return ticket, plan
+
+    @staticmethod
+    def _prior_costs(plan: RoutePlan, snap: Any, specs: dict[str, Any], all_costs: dict[str, int],
+                     prompt: int, out: int) -> dict[str, int]:
+        """model -> the most the calls before the answer may cost on it (adds their specs and per-call
+        costs to `specs` and `all_costs`). A model-planned chain reserves its `pending_steps` on the
+        priciest model they may use."""
+        models = snap.policy.models
+        before = [s.model for s in plan.cascade if s.action != "skip"]
+        before += [s.model for s in plan.steps if s.role != "synthesiser"]
+        for m in {*before, *plan.pending_models}:
+            if m not in all_costs and m in models:
+                specs[m] = models[m]
+                t = models[m].timeout_s or plan.timeout_s or snap.policy.limits.default_timeout_s
+                all_costs[m] = max_cost_nano(specs[m], prompt, out, t * (plan.retries + 1))
+        prior: dict[str, int] = {}
+        for m in before:
+            if m in all_costs:
+                prior[m] = prior.get(m, 0) + all_costs[m]
+        if plan.pending_steps and plan.pending_models:
+            worst = max((m for m in plan.pending_models if m in all_costs), key=all_costs.__getitem__, default=None)
+            if worst is not None:
+                prior[worst] = prior.get(worst, 0) + plan.pending_steps * all_costs[worst]
+        return prior
+
+
+def _downgrades(plan: RoutePlan, snap: Any) -> bool:
+    route = next((r for r in snap.policy.routes if r.name == plan.route), None)
+    section = getattr(route, plan.strategy, None) if route is not None else None
+    return section is not None and section.on_budget == "single"
+

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from concilium.policy.compose import Chain, Fusion, models_named
 from concilium.policy.errors import PathError
 from concilium.policy.jobs import JobsConfig
 from concilium.policy.keys import KeysSection
@@ -248,18 +249,24 @@ class Route(_Strict):
     retries: int | None = Field(None, ge=0, le=10)
     soft_timeout_s: float | None = Field(None, gt=0)  # background jobs: stop gracefully
     hard_timeout_s: float | None = Field(None, gt=0)  # background jobs: kill
-    # How the plan becomes calls: `single` (one model, falling back down the plan) or `cascade`.
-    strategy: Literal["single", "cascade"] = "single"
+    # How the plan becomes calls: `single` (one model, falling back down the plan), `cascade` (cheap
+    # drafts first), `fusion` (a panel, then the targets synthesise) or `chain` (specialists' steps, then
+    # the targets synthesise).
+    strategy: Literal["single", "cascade", "fusion", "chain"] = "single"
     cascade: Cascade | None = None
+    fusion: Fusion | None = None
+    chain: Chain | None = None
     cache: CacheConfig | None = None  # overrides the policy's `cache:` for this route
 
     @model_validator(mode="after")
     def _strategy(self) -> Route:
-        if self.strategy == "cascade" and self.cascade is None:
-            raise PathError([(("cascade",), "strategy cascade needs a `cascade:` section with its drafts")])
-        if self.strategy != "cascade" and self.cascade is not None:
-            raise PathError([(("strategy",), "a `cascade:` section needs `strategy: cascade`")])
-        if self.cache is not None and self.cache.enabled and (self.strategy == "cascade" or self.mode == "background"):
+        needs = {"cascade": "its drafts", "fusion": "its panel", "chain": "its planner and specialists"}
+        for name, what in needs.items():
+            if self.strategy == name and getattr(self, name) is None:
+                raise PathError([((name,), f"strategy {name} needs a `{name}:` section with {what}")])
+            if self.strategy != name and getattr(self, name) is not None:
+                raise PathError([(("strategy",), f"a `{name}:` section needs `strategy: {name}`")])
+        if self.cache is not None and self.cache.enabled and (self.strategy != "single" or self.mode == "background"):
             raise PathError([(("cache",), "the response cache serves `strategy: single` interactive routes; "
                               "remove `cache:` or set `enabled: false`")])
         c = self.cascade
@@ -359,6 +366,15 @@ class Policy(_Strict):
         return self.privacy.on_pii is not None or any(r.match.pii is not None for r in self.routes)
 
 
+def composed_models(route: Route) -> list[tuple[tuple, str]]:
+    """(key path in the route, model) for every model a route's fusion or chain section names."""
+    for name in ("fusion", "chain"):
+        section = getattr(route, name, None)
+        if section is not None:
+            return [((name, *where), model) for where, model in models_named(section)]
+    return []
+
+
 def cache_problems(policy: Policy, skip: frozenset[int | str] = frozenset()) -> list[tuple[tuple, str]]:
     """A cache (global, or a route's merged over it) that would cache nothing."""
     problems: list[tuple[tuple, str]] = []
@@ -395,6 +411,10 @@ def reference_problems(policy: Policy, skip: frozenset[int | str] = frozenset())
             if name not in models:
                 problems.append((("routes", i, "cascade", "drafts", j),
                                  f"unknown model {name!r}; defined models: {', '.join(sorted(models))}"))
+        for where, name in composed_models(route):
+            if name not in models:
+                problems.append((("routes", i, *where),
+                                 f"unknown model {name!r}; defined models: {', '.join(sorted(models))}"))
         for j, name in enumerate(route.match.model or []):
             if name not in virtual:
                 why = "a request for a policy model is pinned to it and" if name in models else "it"
@@ -417,6 +437,7 @@ def reference_problems(policy: Policy, skip: frozenset[int | str] = frozenset())
         named = [("targets", j, n) for j, n in enumerate(route.targets)]
         named += [("fallbacks", j, n) for j, n in enumerate(route.fallbacks)]
         named += [("cascade", "drafts", j, n) for j, n in enumerate(route.cascade.drafts if route.cascade else [])]
+        named += [(*where, n) for where, n in composed_models(route)]
         for *where, n in named:
             if n in embedding:
                 problems.append((("routes", i, *where), f"{n!r} is an embedding model; routes answer chat "

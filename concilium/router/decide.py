@@ -18,10 +18,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from concilium.core.plan import Candidate, CascadeStep, Prediction, RoutePlan, Skipped
+from concilium.core.plan import Candidate, CascadeStep, Prediction, RoutePlan, Skipped, Step
 from concilium.policy.jobs import background_reason
 from concilium.policy.pricing import CHARS_PER_TOKEN, prompt_tokens
 from concilium.policy.schema import Match, Policy, Route
+from concilium.router import compose
 from concilium.router.objective import requested_output_tokens
 from concilium.router.text import prompt_chars
 
@@ -146,7 +147,7 @@ def _describe(m: Match) -> str:
 
 
 def _needs_prediction(policy: Policy) -> bool:
-    return any(r.match.category or r.match.difficulty or r.rank or r.strategy == "cascade" for r in policy.routes)
+    return any(r.match.category or r.match.difficulty or r.rank or r.strategy != "single" for r in policy.routes)
 
 
 def _cascade_steps(route: Route, prediction: Prediction | None, why_not: Any) -> tuple[list[CascadeStep], float | None]:
@@ -300,17 +301,17 @@ def decide(
             callable_.append(c)
     if skipped:
         reasons.append("skipped " + ", ".join(f"{s.model} ({s.reason})" for s in skipped))
+    def why_not(name: str) -> str | None:
+        if (why := window_problem(policy, name, prompt_est, out_tokens, windows)) is not None:
+            return why
+        if features is not None and (no := features(name, body)) is not None:
+            return f"cannot serve {no[0]}: {no[1]}"
+        return availability(name) if availability else None
+
     steps: list[CascadeStep] = []
     escalation_p: float | None = None
     cascade = base_route.cascade if base_route is not None and route_name != "pinned" else None
     if cascade is not None and base_route is not None and base_route.strategy == "cascade":
-        def why_not(name: str) -> str | None:
-            if (why := window_problem(policy, name, prompt_est, out_tokens, windows)) is not None:
-                return why
-            if features is not None and (no := features(name, body)) is not None:
-                return f"cannot serve {no[0]}: {no[1]}"
-            return availability(name) if availability else None
-
         steps, escalation_p = _cascade_steps(base_route, prediction, why_not)
         live = [s for s in steps if s.action != "skip"]
         for s in steps:
@@ -320,7 +321,38 @@ def decide(
             reasons.insert(0, f"cascade: draft {live[0].model}"
                            + (" (trusted)" if live[0].action == "trust" else f", then {callable_[0].model}"
                               if callable_ else ""))
-    if callable_ and not any(s.action != "skip" for s in steps):
+    strategy = "cascade" if any(s.action != "skip" for s in steps) else "single"
+    composed: list[Step] = []
+    pending: tuple[int, list[str]] = (0, [])
+    if base_route is not None and route_name != "pinned" and base_route.strategy in ("fusion", "chain") and callable_:
+        n_out = out_tokens or policy.router.default_output_tokens
+        if base_route.fusion is not None:
+            composed, left_out = compose.fusion_steps(base_route.fusion, policy, body, prediction, why_not, n_out)
+            if left_out:
+                reasons.append("fusion: left out " + ", ".join(left_out))
+            if len(composed) < base_route.fusion.quorum * base_route.fusion.layers:
+                reasons.append(f"fusion: {len(composed)} panel calls cannot meet quorum {base_route.fusion.quorum}; "
+                               "answering with single")
+                composed = []
+            else:
+                strategy = "fusion"
+                reasons.insert(0, f"fusion: {len({s.model for s in composed})} panel models, "
+                               f"{len(composed)} calls, synthesised by {callable_[0].model}")
+        elif base_route.chain is not None:
+            composed, pending = _chain_plan(base_route.chain, policy, body, callable_[0].model, why_not,
+                                            dispatcher, n_out)
+            if not composed:
+                reasons.append(f"chain: the request has {pending[0]} parts, more than max_steps "
+                               f"({base_route.chain.max_steps}): answered as single")
+                pending = (0, [])
+            else:
+                strategy = "chain"
+                planned = (f"planned by {base_route.chain.planner}" if pending[0]
+                           else f"{len(composed)} steps ({', '.join(s.model for s in composed)})")
+                reasons.insert(0, f"chain: {planned}, synthesised by {callable_[0].model}")
+        if composed:
+            composed.append(compose.synthesis_step(composed, callable_[0].model, policy, body, n_out))
+    if callable_ and strategy == "single":
         reasons.insert(0, f"chose {callable_[0].model}")
 
     why_background = background_reason(body, policy, base_route, prediction)
@@ -342,11 +374,32 @@ def decide(
         timeout_s=route_timeout or policy.limits.default_timeout_s,
         retries=timing.retries if timing and timing.retries is not None else policy.retry.attempts,
         queue=(base_route.queue if base_route else None),
-        strategy="cascade" if any(s.action != "skip" for s in steps) else "single",
+        strategy=strategy,
         cascade=steps,
         scorer=({"spec": cascade.scorer} if steps and cascade is not None else None),
         escalation_p=escalation_p,
+        steps=composed,
+        pending_steps=pending[0],
+        pending_models=pending[1],
     )
+
+
+def _chain_plan(chain: Any, policy: Policy, body: dict[str, Any], first: str, why_not: Callable[[str], str | None],
+                dispatcher: Any, n_out: float) -> tuple[list[Step], tuple[int, list[str]]]:
+    """A rules chain: all its steps now. A model-planned chain: the planner's call, and the steps it
+    may still add (at most max_steps, on the specialists or the route's first target)."""
+    if chain.planner != "rules":
+        n_in = prompt_tokens(prompt_chars(body) + 600, 2)
+        planner = Step(id="plan", role="planner", model=chain.planner, reason="asked for a JSON plan",
+                       est_cost_usd=compose.est_usd(policy, chain.planner, n_in, n_out))
+        models = list(dict.fromkeys([*chain.specialists.values(), first]))
+        return [planner], (chain.max_steps, models)
+    parts = compose.rules_plan(compose.last_user_text(body))
+    if len(parts) > chain.max_steps:
+        return [], (len(parts), [])  # oversized: the caller answers with single and says why
+    return compose.chain_steps(parts, chain, policy, first, why_not, compose.categoriser(dispatcher, policy),
+                               n_out), (0, [])
+
 
 
 def decide_embeddings(body: dict[str, Any], policy: Policy, *, availability: Availability | None = None,

@@ -13,13 +13,14 @@ Faults, per upstream model id, come from a script (consumed one per request) or 
   {"hang": true}                        never answer
   {"chunk_delay_s": 0.05}               pause between streamed events
   {"tool_call": {"name": "f", "arguments": {...}}}   answer by calling that tool (finish_reason tool_calls)
+  {"garbage": true}                     status 200 with a body that is not JSON
 Random chaos (`/_control/chaos`) picks among 500, 429, slow and dropped streams with given odds.
 
 POST /v1/embeddings answers deterministic unit vectors (`fake_vector`), with the same faults.
 
 Control endpoints: POST /_control/script {"model", "faults": [...]}, POST /_control/default
 {"model", "fault"}, POST /_control/chaos {"p_500", "p_429", "p_slow", "p_drop", "slow_s", "seed"},
-POST /_control/reset, GET /_control/stats.
+POST /_control/reset, GET /_control/stats (counts, and the last 500 request bodies in `bodies`).
 
 Run: python -m concilium.testing.fake_upstream --port 9100
 """
@@ -49,7 +50,7 @@ class Upstream:
         self.rng = random.Random(0)
         self.stats: dict[str, Any] = {"requests": 0, "completed": 0, "disconnected": 0, "in_flight": 0,
                                       "faults": defaultdict(int), "by_model": defaultdict(int),
-                                      "last_body": None}
+                                      "last_body": None, "bodies": deque(maxlen=500)}
 
     def fault_for(self, model: str) -> dict:
         if self.scripts[model]:
@@ -109,6 +110,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     st["requests"] += 1
     st["by_model"][model] += 1
     st["last_body"] = body
+    st["bodies"].append(body)
     fault = up.fault_for(model)
     if fault:
         st["faults"][orjson.dumps(fault).decode()] += 1
@@ -122,6 +124,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         if status != 200:
             headers = {"retry-after": str(fault["retry_after"])} if "retry_after" in fault else None
             return _error(status, f"injected {status}", headers, fault.get("code"))
+        if fault.get("garbage"):
+            return web.Response(body=b"<html>upstream proxy error</html>", content_type="application/json")
         if fault.get("tool_call"):
             return await _tool_call(request, up, body, model, fault["tool_call"])
         words = _reply_words(body)
@@ -242,6 +246,7 @@ async def embeddings(request: web.Request) -> web.Response:
     st["requests"] += 1
     st["by_model"][model] += 1
     st["last_body"] = body
+    st["bodies"].append(body)
     fault = up.fault_for(model)
     if fault.get("delay_s"):
         await asyncio.sleep(float(fault["delay_s"]))
@@ -283,7 +288,7 @@ async def control(request: web.Request) -> web.Response:
     elif what != "stats":
         return _error(404, f"unknown control {what}")
     st = dict(up.stats)
-    st["faults"], st["by_model"] = dict(st["faults"]), dict(st["by_model"])
+    st["faults"], st["by_model"], st["bodies"] = dict(st["faults"]), dict(st["by_model"]), list(st["bodies"])
     return web.Response(body=orjson.dumps(st), content_type="application/json")
 
 
