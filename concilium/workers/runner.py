@@ -21,14 +21,14 @@ from typing import Any
 import orjson
 
 from concilium.core.plan import RoutePlan
-from concilium.pipeline import cascade
+from concilium.pipeline import cascade, compose
 from concilium.pipeline.state import Snapshot
 from concilium.policy.pricing import estimated_usage
 from concilium.router.text import prompt_chars
 from concilium.specialists import call
 from concilium.specialists.base import ProviderError
 from concilium.workers.config import JobsEnv
-from concilium.workers.responses import OutputEvents, response_object
+from concilium.workers.responses import OutputEvents, ev, response_object
 from concilium.workers.store import JobStore
 
 log = logging.getLogger("concilium.workers")
@@ -229,7 +229,11 @@ class JobRunner:
         stopped = asyncio.ensure_future(stop.wait())
         try:
             body = spec["body"]
-            if plan.strategy == "cascade":  # the same cascade as in the gateway; its drafts are billed with the job
+            if plan.strategy in ("fusion", "chain"):  # the steps, checkpointed; then the synthesiser streams
+                handle = await self._compose(job_id, token, plan, body, snap, prog, stop, stopped)
+                if handle is None:
+                    return
+            elif plan.strategy == "cascade":  # the same cascade as in the gateway; its drafts are billed with the job
                 run = await _unless_stopped(cascade.run(plan, body, snap, lambda p: call.stream(p, body, snap.ctx)),
                                             stopped)
                 if run is None:
@@ -279,6 +283,48 @@ class JobRunner:
                 await call._aclose(it)
         finally:
             stopped.cancel()
+
+    async def _compose(self, job_id: str, token: str, plan: RoutePlan, body: dict[str, Any], snap: Snapshot,
+                       prog: _Progress, stop: asyncio.Event, stopped: asyncio.Future) -> call.StreamHandle | None:
+        """A fusion or chain as a job: each finished step is a `concilium.step` event holding its answer
+        (a checkpoint), so a run that takes over from a dead worker pays only for the steps not done."""
+        restored = {}
+        for e in await self.store.all_events(job_id):
+            if e.type == "concilium.step" and (d := e.json()).get("status") == "ok" and "output" in d:
+                restored[d["id"]] = {"text": d["output"], "usage": d.get("usage"), "latency_s": d.get("latency_s"),
+                                     "cost_usd": d.get("cost_usd")}
+
+        async def publish(data: dict[str, Any]) -> None:
+            if await self.store.append(job_id, token, [ev("concilium.step", **data)]) is None:
+                prog.fenced = True
+                _trigger(prog, stop, "lost")
+
+        async def progress(event: dict[str, Any]) -> None:
+            if event["status"] not in ("ok", "restored"):  # an answered step is published by its checkpoint
+                await publish(event)
+
+        async def checkpoint(step: Any, text: str) -> None:
+            await publish({"id": step.id, "role": step.role, "model": step.model, "status": "ok", "usage": step.usage,
+                           "latency_s": step.latency_s, "cost_usd": step.cost_usd, "output": text})
+
+        comp = compose.Composed(plan)
+        try:
+            if await _unless_stopped(compose.prepare(comp, body, snap, emit=progress, restored=restored,
+                                                     checkpoint=checkpoint), stopped) is None:
+                return None
+        finally:
+            prog.prior = comp.calls  # every call made is billed with the job, restored ones once
+        if comp.error is not None or comp.synth_body is None:
+            prog.error = _provider_error(comp.error or ProviderError("the composition produced nothing"))
+            return None
+        opening = await _unless_stopped(call.stream(plan, comp.synth_body, snap.ctx), stopped)
+        if opening is None:
+            return None
+        try:
+            return opening.result()
+        except (ProviderError, call.AllCandidatesFailed) as e:
+            prog.error = _provider_error(e)
+            return None
 
     async def _feed(self, job_id: str, token: str, raw: bytes, out: OutputEvents, prog: _Progress) -> bool:
         """One upstream SSE event -> the job's events. False when the job is no longer ours."""
