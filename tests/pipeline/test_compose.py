@@ -96,7 +96,8 @@ def test_the_route_endpoint_returns_the_dag(gw):
     assert plan["reasons"][0].startswith("fusion: 3 panel models, 3 calls, synthesised by synth")
 
 
-@pytest.mark.parametrize("fault", [{"status": 500}, {"garbage": True}, {"delay_s": 3.0}])
+@pytest.mark.parametrize("fault", [{"status": 500}, {"status": 429, "code": "insufficient_quota"}, {"garbage": True},
+                                   {"delay_s": 3.0}])
 def test_a_failing_garbled_or_slow_panelist_is_left_out(gw, upstream, fault):
     upstream.script("b-up", [fault])
     raw = ask(gw, extra_headers={"x-concilium-explain": "true"})
