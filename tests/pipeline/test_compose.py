@@ -185,6 +185,30 @@ def test_a_client_that_leaves_cancels_the_panel(gw, upstream):
     assert 'concilium_requests_total{model="synth",route="composed",status="cancelled"} 1.0' in text
 
 
+def test_a_streaming_client_that_leaves_cancels_the_panel(gw, upstream):
+    upstream.script("a-up", [{"delay_s": 1.5}])
+    with httpx.stream("POST", gw.v1 + "/chat/completions", timeout=20, json={
+            "model": "concilium/auto", "messages": [{"role": "user", "content": Q}], "stream": True}) as r:
+        for line in r.iter_lines():
+            if '"status":"ok"' in line:
+                break  # one panelist answered, `a` still thinks: leave
+    wait_until(lambda: upstream.stats()["completed"] >= 3, 10, "the slow panelist's upstream to finish")
+    ask(gw)  # a later request through the same gateway: by now a synthesis would have been sent
+    assert len(bodies(upstream, "synth")) == 1
+
+
+def test_the_anthropic_sdk_gets_one_fused_answer(gw, upstream):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=gw.base_url, api_key="x", max_retries=0)
+    msg = client.messages.create(model="concilium/auto", max_tokens=64, messages=[{"role": "user", "content": Q}])
+    assert msg.content[0].text == echo(Q)
+    assert all(len(bodies(upstream, m)) == 1 for m in ("a", "b", "c", "synth"))
+    with client.messages.stream(model="concilium/auto", max_tokens=64,
+                                messages=[{"role": "user", "content": Q}]) as stream:
+        assert "".join(stream.text_stream) == echo(Q)  # the progress comments do not reach it
+
+
 # ------------------------------------------------------------------------------------ money
 
 def test_the_whole_fan_out_is_reserved_and_each_call_billed_once(fake_upstream, upstream, gateway_factory):
