@@ -69,6 +69,21 @@ class Step(BaseModel):
     error: str | None = None
 
 
+class Decision(BaseModel):
+    """What an online-learning router decided (router.learning): the context, the trained router's
+    predictions, each router's pick, what was chosen and with what probability. Logged, and joined
+    to feedback by request id (see router/online.py)."""
+
+    x: list[float]  # the context vector (category probabilities, difficulty): never the prompt
+    q: dict[str, float]  # the trained router's P(answers well) for each candidate
+    choices: dict[str, str]  # router (static, learner) -> the model it would pick
+    live: Literal["static", "learner"]
+    chosen: str
+    propensity: float  # P(chosen) under the live router with exploration
+    explored: bool = False  # chosen by the exploration draw, not the live router
+    version: str = ""  # the router version that decided
+
+
 class Prediction(BaseModel):
     """What the learned dispatcher predicted for the request (absent for rule-only decisions)."""
 
@@ -108,6 +123,7 @@ class RoutePlan(BaseModel):
     # (what the budget reserves for).
     pending_steps: int = 0
     pending_models: list[str] = Field(default_factory=list)
+    decision: Decision | None = None  # set when router.learning is on and the router chose between models
 
     @property
     def summary(self) -> str:

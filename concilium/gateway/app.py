@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
     app.add_middleware(BodySizeLimit, limit=lambda: state.current.policy.limits.max_body_bytes)
     app.add_middleware(AuthMiddleware, guard=svc.guard, metrics=metrics)  # a request without a valid key goes no further
     app.add_middleware(messages.AnthropicErrors)  # /v1/messages answers every error in Anthropic's shape
-    app.add_middleware(RequestIdMiddleware, recent=svc.recent)  # outermost: every response names its request id
+    app.add_middleware(RequestIdMiddleware, recent=svc.recent, learning=svc.learning)  # outermost: every response names its request id
 
     metrics.watch_breakers(state)
 
@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
         body = await read_json(request)
         validate(RouteRequest, body)
         snap = state.current
-        plan = plan_request(snap, body, request_id(request))
+        plan = plan_request(snap, body, request_id(request), svc.learning)
         if svc.guard.active:  # a dry run obeys the key's model and route allow-lists
             _, allowed = svc.guard.check_access(request, body, plan, snap, {})
             plan = plan.model_copy(update={"candidates": allowed})
@@ -158,6 +158,15 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
             body["policy_error"] = state.load_error
         return Response(orjson.dumps(body), status_code=200 if body["ready"] else 503,
                         media_type="application/json")
+
+    @app.get("/v1/router/learning", summary="The online router (router.learning): which router is live, how much "
+             "it has learned, and what the decision log says of each router")
+    async def learning_status() -> Response:
+        online = svc.learning
+        body = {"enabled": online.enabled, "live": online.live, "events": int(online.events),
+                "models": {m: int(st.n) for m, st in sorted(online.learner.stats.items())},
+                "estimates": online.estimates() if online.enabled else None}
+        return Response(orjson.dumps(body), media_type="application/json")
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:

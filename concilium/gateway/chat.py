@@ -21,7 +21,7 @@ from concilium.core.plan import RoutePlan
 from concilium.gateway import caching, routes_jobs
 from concilium.gateway.errors import APIError, sse_error
 from concilium.gateway.headers import header_value, plan_headers
-from concilium.gateway.request_ids import add_cost
+from concilium.gateway.request_ids import DECISION, add_cost
 from concilium.gateway.requests import (
     no_candidates,
     plan_request,
@@ -88,7 +88,9 @@ async def answer(request: Request, body: dict[str, Any], t0: float | None = None
     t0 = time.perf_counter() if t0 is None else t0
     rid = request_id(request)
     snap: Snapshot = svc.policy.current
-    plan = plan_request(snap, body, rid)
+    plan = plan_request(snap, body, rid, svc.learning)
+    if plan.decision is not None:  # router.learning: logged, and joined to feedback, by request id
+        request.scope.setdefault("state", {})[DECISION] = (plan.route, plan.decision)
     if not plan.candidates and plan.strategy != "cascade":
         metrics.requests.labels("none", plan.route, "unavailable").inc()
         raise no_candidates(plan)

@@ -31,9 +31,13 @@ def reason(plan: RoutePlan, model: str | None = None) -> str:
 
 def plan_headers(plan: RoutePlan, model: str | None = None) -> dict[str, str]:
     """The x-concilium-* headers of a planned request; names are encoded with `header_value`."""
-    return {
+    out = {
         "x-request-id": plan.request_id,
         "x-concilium-model": header_value(model or (plan.candidates[0].model if plan.candidates else "")),
         "x-concilium-route": header_value(plan.route),
         "x-concilium-reason": header_value(reason(plan, model)),
     }
+    if plan.decision is not None:  # router.learning: which router decided
+        out["x-concilium-router"] = header_value(plan.decision.version
+                                                 + (" (explored)" if plan.decision.explored else ""))
+    return out

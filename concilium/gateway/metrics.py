@@ -40,6 +40,10 @@ class Metrics:
                                          ["route", "role", "status"], registry=r)
         self.composition_synthesis = Histogram("concilium_composition_synthesis_seconds", "Time the synthesiser of "
                                                "a fusion or chain took", ["route"], registry=r)
+        self.learning_updates = Counter("concilium_router_learning_updates", "Feedback scores the online router "
+                                        "learned from, by the model that had answered", ["model"], registry=r)
+        self.learning_live = Gauge("concilium_router_learner_live", "1 while the online learner routes, 0 while it "
+                                   "runs in shadow", registry=r)
         self.rejected = Counter("concilium_rejected_requests", "Requests refused with 401, 403 or 429, by status and "
                                 "error code", ["status", "code"], registry=r)
         self.jobs_queued = Gauge("concilium_jobs_queued", "Jobs waiting in each queue for a worker (at scrape time)",

@@ -12,7 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from typing import Any
 
+import orjson
+
+from concilium.core.plan import Decision
 from concilium.core.redis import connect
 
 log = logging.getLogger("concilium.gateway")
@@ -30,14 +34,16 @@ class RecentRequests:
         self._pending: list[tuple[str, str]] = []
         self._flushing: asyncio.Future | None = None
 
-    def add(self, rid: str, owner: str) -> None:
-        """Record that `owner` ('' without keys) made request `rid` (called once per answered request)."""
+    def add(self, rid: str, owner: str, decision: Any = None) -> None:
+        """Record that `owner` ('' without keys) made request `rid` (called once per answered request);
+        `decision`: the online router's, when it decided (what feedback on `rid` teaches it)."""
         ids = self._ids
-        ids[rid] = owner
+        ids[rid] = owner if decision is None else (owner, decision)
         if len(ids) > self.size:
             ids.popitem(last=False)
         if self._redis is not None:
-            self._pending.append((rid, owner))
+            value = owner if decision is None else orjson.dumps({"o": owner, "d": decision.model_dump()}).decode()
+            self._pending.append((rid, value))
             if self._flushing is None:
                 self._flushing = asyncio.ensure_future(self._flush())
 
@@ -61,13 +67,26 @@ class RecentRequests:
         while self._flushing is not None:
             await asyncio.shield(self._flushing)
 
+    async def _get(self, rid: str) -> str | tuple[str, Any] | None:
+        got = self._ids.get(rid)
+        if got is None and self._redis is not None:
+            value = await self._redis.get(PREFIX + rid)
+            if value is not None and value.startswith(b"{"):  # owner and decision (key names never start so)
+                obj = orjson.loads(value)
+                got = (obj["o"], Decision.model_validate(obj["d"]))
+            elif value is not None:
+                got = value.decode()
+        return got
+
     async def owner(self, rid: str) -> str | None:
         """Who made `rid`, or None when it is not a recent request. Raises when Redis cannot say."""
-        owner = self._ids.get(rid)
-        if owner is None and self._redis is not None:
-            value = await self._redis.get(PREFIX + rid)
-            owner = value.decode() if value is not None else None
-        return owner
+        got = await self._get(rid)
+        return got[0] if isinstance(got, tuple) else got
+
+    async def decision(self, rid: str) -> Any:
+        """The online router's decision for `rid` (a Decision), or None."""
+        got = await self._get(rid)
+        return got[1] if isinstance(got, tuple) else None
 
     async def close(self) -> None:
         if self._redis is not None:

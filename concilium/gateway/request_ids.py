@@ -8,6 +8,9 @@ response, errors from the outer middleware included, gets it added.
 The access log (logger `concilium.access`, level INFO): one line per request with its id, method,
 path, status, the key's name, the model and route that answered, the latency to the last byte and
 the cost in USD. Never the prompt or the key. Nothing is measured while the logger is off.
+
+With `router.learning` on, a request the online router decided is also written to its decision log
+(`pipeline/learning.py`) with its status, the model that answered, its cost and its latency.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import random
 import time
 from typing import Any
+from urllib.parse import unquote
 
 from concilium.guard.service import STATE_KEY
 
@@ -23,6 +27,7 @@ _NAME = b"x-request-id"
 _MODEL = b"x-concilium-model"
 _ROUTE = b"x-concilium-route"
 COST = "concilium.cost_usd"  # the request's cost so far, in the ASGI scope's state (`add_cost`)
+DECISION = "concilium.decision"  # (route, Decision) of a request the online router decided (router.learning)
 access = logging.getLogger("concilium.access")
 
 
@@ -46,9 +51,10 @@ ANSWERING = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages"})
 
 
 class RequestIdMiddleware:
-    def __init__(self, app: Any, recent: Any = None) -> None:
+    def __init__(self, app: Any, recent: Any = None, learning: Any = None) -> None:
         self.app = app
         self.recent = recent  # gateway.recent.RecentRequests: answered request ids, for /v1/feedback
+        self.learning = learning  # pipeline.learning.OnlineRouter: logs each routed request's decision
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -63,7 +69,9 @@ class RequestIdMiddleware:
             rid = new_request_id().encode()
             scope["headers"] = [(k, v) for k, v in headers if k != _NAME] + [(_NAME, rid)]
         recent = self.recent if scope["method"] == "POST" and scope["path"] in ANSWERING else None
-        if not access.isEnabledFor(logging.INFO):
+        learning = self.learning if recent is not None and self.learning is not None and self.learning.enabled else None
+        logging_on = access.isEnabledFor(logging.INFO)
+        if not logging_on and learning is None:
             return await self.app(scope, receive, self._sender(send, scope, rid, None, recent))
         t0 = time.perf_counter()
         seen: dict[bytes, Any] = {}
@@ -73,15 +81,24 @@ class RequestIdMiddleware:
             seen.setdefault(b"status", 500)  # answered by the server-error handler outside
             raise
         finally:
-            self._log(scope, rid, seen, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            if logging_on:
+                self._log(scope, rid, seen, seconds)
+            state = scope.get("state") or {}
+            if learning is not None and (d := state.get(DECISION)) is not None:
+                model = seen.get(_MODEL)
+                learning.record(rid.decode("latin-1"), d[0], d[1], seen.get(b"status", 499),
+                                unquote(model.decode("latin-1")) if model else None, state.get(COST), seconds)
 
     @staticmethod
     def _sender(send: Any, scope: dict[str, Any], rid: bytes, seen: dict[bytes, Any] | None, recent: Any) -> Any:
         async def send_with_id(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 if recent is not None and (message["status"] in (200, 202) or message["status"] >= 500):
-                    key = (scope.get("state") or {}).get(STATE_KEY)
-                    recent.add(rid.decode("latin-1"), key.name if key is not None else "")
+                    state = scope.get("state") or {}
+                    key = state.get(STATE_KEY)
+                    d = state.get(DECISION)
+                    recent.add(rid.decode("latin-1"), key.name if key is not None else "", d[1] if d else None)
                 out = message.get("headers") or []
                 named = False
                 for k, v in out:

@@ -67,11 +67,13 @@ def validate(model: type, body: dict[str, Any]) -> None:
                        code="invalid_request") from None
 
 
-def plan_request(snap: Snapshot, body: dict[str, Any], rid: str) -> RoutePlan:
+def plan_request(snap: Snapshot, body: dict[str, Any], rid: str, online: Any = None) -> RoutePlan:
+    """The request's plan; `online` is the OnlineRouter (router.learning), consulted when enabled."""
     pii = privacy.verdict(body, snap.policy, rid)  # None unless the policy routes on PII
     try:
         plan = decide(body, snap.policy, dispatcher=snap.dispatcher, availability=snap.availability,
-                      windows=snap.context_limit, features=snap.unsupported, request_id=rid, pii=pii)
+                      windows=snap.context_limit, features=snap.unsupported, request_id=rid, pii=pii,
+                      online=online)
     except DecisionError as e:
         raise APIError(e.status, e.message, code=e.code, param=e.param) from None
     if plan.requested_model != body.get("model"):  # an alias: keys, budgets and jobs see its target

@@ -58,4 +58,13 @@ async def feedback(request: Request) -> Response:
         raise APIError(503, "the feedback store is unavailable; the record was not stored, retry later",
                        code="feedback_unavailable") from None
     out = {"object": "feedback", "id": fb.id, "request_id": fb.request_id, "score": fb.score, "stored": store.kind}
+    learning = request.app.state.services.learning
+    if learning.enabled:  # router.learning: the online router learns from it at once
+        try:
+            decision = await request.app.state.services.recent.decision(fb.request_id)
+            if decision is not None:
+                await learning.feedback(decision, fb.score)
+                out["learned"] = True
+        except Exception as e:  # stored all the same: a later replay can still learn from it
+            log.warning("online router did not learn from feedback %s: %s", fb.id, type(e).__name__)
     return Response(orjson.dumps(out), media_type="application/json")

@@ -17,6 +17,8 @@ from concilium.guard import logs, privacy
 from concilium.guard.service import Guard
 from concilium.pipeline.cache import MemoryStore, RedisStore
 from concilium.pipeline.cache import open_store as open_cache
+from concilium.pipeline.learning import OnlineRouter
+from concilium.pipeline.learning import open_store as open_learning
 from concilium.pipeline.state import PolicyState
 from concilium.policy.loader import PolicyError
 from concilium.router.feedback import FeedbackStore, open_store
@@ -36,6 +38,7 @@ class Services:
     feedback: FeedbackStore
     recent: RecentRequests  # request id -> key, for /v1/feedback
     cache: MemoryStore | RedisStore  # the response cache's entries (used only by a policy with `cache:`)
+    learning: OnlineRouter  # router.learning (consulted only while the policy enables it)
 
     @classmethod
     def build(cls, settings: Settings, policy_path: str) -> Services:
@@ -52,16 +55,19 @@ class Services:
             raise SystemExit(str(e)) from None
         jobs = JobService.for_gateway(settings.redis_url, snap.policy.jobs)
         feedback = open_store(settings.redis_url, settings.data_dir)
+        learning = OnlineRouter(policy, open_learning(settings.redis_url, settings.data_dir,
+                                                      snap.policy.router.learning.log_retention), metrics)
         return cls(settings, metrics, policy, guard, jobs, feedback, RecentRequests(settings.redis_url),
-                   open_cache(settings.redis_url))
+                   open_cache(settings.redis_url), learning)
 
     async def start(self) -> None:
         self.policy.start_background(self.settings.policy_watch_s)
         await self.policy.start()
         await self.jobs.start(self.policy)
+        await self.learning.start()
 
     async def close(self) -> None:
-        for part in (self.jobs, self.guard, self.feedback, self.recent, self.cache, self.policy):
+        for part in (self.jobs, self.guard, self.feedback, self.recent, self.cache, self.learning, self.policy):
             try:
                 await part.close()
             except Exception as e:  # one part failing to close must not keep the others open

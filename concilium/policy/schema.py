@@ -17,6 +17,7 @@ from concilium.policy.compose import Chain, Fusion, models_named
 from concilium.policy.errors import PathError
 from concilium.policy.jobs import JobsConfig
 from concilium.policy.keys import KeysSection
+from concilium.policy.learning import Learning
 from concilium.policy.privacy import Privacy
 
 ProviderKind = Literal["local", "openai", "litellm"]
@@ -317,6 +318,7 @@ class RouterConfig(_Strict):
     objective: Objective = Field(default_factory=Objective)
     # Estimated output tokens used for cost estimates when the request sets no max_tokens.
     default_output_tokens: int = Field(256, gt=0)
+    learning: Learning = Field(default_factory=Learning)  # online learning from feedback (policy/learning.py)
 
 
 class Limits(_Strict):

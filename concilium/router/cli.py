@@ -75,6 +75,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     k.add_argument("--limit", type=int, default=5000, help="use at most this many prompts")
     k.set_defaults(func=_calibrate)
 
+    v = sub.add_parser("versions", help="the routers in force: the trained artifact, the online learner's "
+                       "state and history (router.learning)")
+    v.set_defaults(func=_versions)
+    pr = sub.add_parser("promote", help="make the online learner route (every gateway within a second)")
+    pr.add_argument("--reason", default="manual promotion")
+    pr.set_defaults(func=lambda a: _set_live("learner", a))
+    rb = sub.add_parser("rollback", help="route with the trained router again; the learner goes back to shadow")
+    rb.add_argument("--reason", default="manual rollback")
+    rb.set_defaults(func=lambda a: _set_live("static", a))
+    o = sub.add_parser("evaluate-offline", help="score the static router and the online learner from the "
+                       "decision log and feedback (inverse-propensity and doubly-robust, 95%% intervals)")
+    o.add_argument("--log", help="decision log JSONL (default: the gateway's store: Redis or <data>/decisions.jsonl)")
+    o.add_argument("--feedback", help="feedback JSONL (default: the gateway's feedback store)")
+    o.add_argument("--out", help="write the estimates as JSON here")
+    o.set_defaults(func=_evaluate_offline)
+
     b = sub.add_parser("build-default", help="rebuild the shipped default artifact from the public data")
     b.add_argument("--data", default="../shared/data", help="folder holding routing/ (see docs/router.md)")
     b.add_argument("--out", default=str(Path(__file__).resolve().parent / "default"))
@@ -85,6 +101,97 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--verifier-only", action="store_true",
                    help="only (re)train the answer verifier in --out; the router's heads stay as they are")
     b.set_defaults(func=_build_default)
+
+
+def _learning_store():
+    from concilium.pipeline.learning import open_store
+    from concilium.settings import Settings
+
+    settings = Settings()
+    return settings, open_store(settings.redis_url, settings.data_dir)
+
+
+def _versions(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    settings, store = _learning_store()
+
+    async def show() -> None:
+        try:
+            state, history, stats = await store.state(), await store.history(), await store.read(1.0)
+        finally:
+            await store.close()
+        where = settings.redis_url or f"{settings.data_dir}/learning"
+        print(f"online learner ({where}): {state.get('live', 'static')} router live; "
+              f"{int(sum(s.n for s in stats.values()))} feedback events")
+        for m, st in sorted(stats.items()):
+            print(f"  {m}: {int(st.n)} events")
+        for h in history:
+            print(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(h['changed']))}Z  {h['live']} live: {h['reason']}")
+
+    asyncio.run(show())
+    return 0
+
+
+def _set_live(live: str, args: argparse.Namespace) -> int:
+    import asyncio
+
+    _, store = _learning_store()
+
+    async def go() -> None:
+        try:
+            await store.set_state(live, args.reason)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    print(f"{live} router live ({args.reason}); gateways follow within a second")
+    return 0
+
+
+def _evaluate_offline(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from concilium.pipeline.learning import evaluate, joined
+    from concilium.router.feedback import open_store as open_feedback
+    from concilium.router.feedback import read_feedback_file
+
+    settings, store = _learning_store()
+
+    async def load() -> tuple[list[dict], dict[str, float]]:
+        try:
+            if args.log:
+                decisions = [json.loads(line) for line in open(args.log) if line.strip()]
+            else:
+                decisions = await store.read_log()
+            if args.feedback:
+                fbs = read_feedback_file(args.feedback)
+            else:
+                fstore = open_feedback(settings.redis_url, settings.data_dir)
+                try:
+                    fbs = await fstore.read_all()
+                finally:
+                    await fstore.close()
+        finally:
+            await store.close()
+        return decisions, {f.request_id: f.score for f in fbs}
+
+    decisions, scores = asyncio.run(load())
+    events = joined(decisions, scores)
+    if not events:
+        return _fail(f"no decision in the log ({len(decisions)} decisions) has feedback ({len(scores)} scores)")
+    est = evaluate(events)
+    print(f"{est['events']} rewarded decisions of {len(decisions)} logged; mean reward of what was served "
+          f"{est['logged_reward']:.3f}")
+    print(f"{'router':<10}{'IPS':>8}{'95% interval':>18}{'DR':>8}{'95% interval':>18}{'agrees':>8}")
+    for r in ("static", "learner"):
+        i, d = est[r]["ips"], est[r]["dr"]
+        print(f"{r:<10}{i[0]:>8.3f}   [{i[1]:.3f}, {i[2]:.3f}]{d[0]:>8.3f}   [{d[1]:.3f}, {d[2]:.3f}]"
+              f"{est[r]['agrees_with_logged']:>8.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(est, indent=2))
+    return 0
 
 
 def _fail(msg: str) -> int:

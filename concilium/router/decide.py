@@ -18,11 +18,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from concilium.core.plan import Candidate, CascadeStep, Prediction, RoutePlan, Skipped, Step
+from concilium.core.plan import Candidate, CascadeStep, Decision, Prediction, RoutePlan, Skipped, Step
 from concilium.policy.jobs import background_reason
 from concilium.policy.pricing import CHARS_PER_TOKEN, prompt_tokens
 from concilium.policy.schema import Match, Policy, Route
 from concilium.router import compose
+from concilium.router import online as online_router
 from concilium.router.objective import requested_output_tokens
 from concilium.router.text import prompt_chars
 
@@ -185,6 +186,7 @@ def decide(
     features: Features | None = None,
     request_id: str | None = None,
     pii: bool | None = None,
+    online: Any = None,
 ) -> RoutePlan:
     requested = body.get("model")
     if not isinstance(requested, str) or not requested:
@@ -322,6 +324,11 @@ def decide(
                            + (" (trusted)" if live[0].action == "trust" else f", then {callable_[0].model}"
                               if callable_ else ""))
     strategy = "cascade" if any(s.action != "skip" for s in steps) else "single"
+    decision = None
+    if (online is not None and online.enabled and dispatcher is not None and prediction is not None
+            and not prediction.pii and base_route is not None and route_name != "pinned"
+            and base_route.strategy == "single" and base_route.rank and len(callable_) > 1):
+        callable_, decision = _learned_order(callable_, prediction, policy, body, dispatcher, online, reasons)
     composed: list[Step] = []
     pending: tuple[int, list[str]] = (0, [])
     if base_route is not None and route_name != "pinned" and base_route.strategy in ("fusion", "chain") and callable_:
@@ -381,7 +388,38 @@ def decide(
         steps=composed,
         pending_steps=pending[0],
         pending_models=pending[1],
+        decision=decision,
     )
+
+
+def _learned_order(cands: list[Candidate], prediction: Prediction, policy: Policy, body: dict[str, Any],
+                   dispatcher: Any, online: Any, reasons: list[str]) -> tuple[list[Candidate], Decision | None]:
+    """router.learning: the live router's order of the route's targets (the trained router's, or the
+    online learner's), with the exploration draw; the fallbacks stay behind them."""
+    ranked = [c for c in cands if c.reason != "fallback"]
+    rest = [c for c in cands if c.reason == "fallback"]
+    names = [c.model for c in ranked]
+    if len(names) < 2:
+        return cands, None
+    x = online_router.context(prediction)
+    q = {m: float(prediction.quality.get(m, 0.5)) for m in names}
+    adjusted = online.learner.adjusted(q, x)
+    learned, _, _ = dispatcher.rank(names, prediction.model_copy(update={"quality": {**prediction.quality,
+                                                                                     **adjusted}}), policy, body)
+    learner_order = [r[0] for r in learned]
+    live_order = learner_order if online.live == "learner" else names
+    chosen, p, explored = online_router.explore(live_order, live_order[0], online.explore)
+    by = {c.model: c for c in ranked}
+    order = [by[chosen]] + [by[m] for m in live_order if m != chosen]
+    if online.live == "learner":
+        order = [c.model_copy(update={"predicted_quality": adjusted[c.model], "reason": "ranked by the online learner"})
+                 for c in order]
+    choices = {"static": names[0], "learner": learner_order[0]}
+    reasons.append(f"learning: {online.live} router live" + (f", explored {chosen} (p={p:.3f})" if explored else "")
+                   + ("" if online.live == "learner" else f"; the learner in shadow would pick {learner_order[0]}"))
+    decision = Decision(x=x, q={m: round(v, 4) for m, v in q.items()}, choices=choices, live=online.live,
+                        chosen=chosen, propensity=round(p, 6), explored=explored, version=online.version)
+    return order + rest, decision
 
 
 def _chain_plan(chain: Any, policy: Policy, body: dict[str, Any], first: str, why_not: Callable[[str], str | None],
