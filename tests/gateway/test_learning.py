@@ -129,3 +129,21 @@ def test_two_gateways_sharing_redis_learn_as_one(fake_upstream, upstream, gatewa
         wait_until(lambda: ask(b).headers["x-concilium-model"] == "strong", 5, "the other gateway to follow")
     finally:
         srv.kill()
+
+
+def test_automatic_promotion_and_rollback(fake_upstream, upstream, gateway_factory):
+    text = policy(fake_upstream.url).replace("learning: {enabled: true, explore: 0.0}",
+                                             "learning: {enabled: true, explore: 0.0, promote: auto, min_events: 10}")
+    gw = gateway_factory(text)
+    teach(gw, 10)  # the learner, in shadow, expects `strong` to do better than the 0s `cheap` earns
+    status = httpx.get(gw.v1 + "/router/learning").json()
+    assert status["live"] == "learner", status
+    assert ask(gw).headers["x-concilium-model"] == "strong"
+    for _ in range(30):  # now everything scores 0: the live learner is no better than the static router
+        r = ask(gw)
+        feedback(gw, r.headers["x-request-id"], 0.0)
+        if httpx.get(gw.v1 + "/router/learning").json()["live"] == "static":
+            break
+    assert httpx.get(gw.v1 + "/router/learning").json()["live"] == "static"
+    history = router_cli(gw, "versions")
+    assert "learner live: auto: learner DR lower bound" in history and "static live: auto rollback" in history
