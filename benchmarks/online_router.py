@@ -18,7 +18,8 @@ The shift (fixed before any run, never tuned on the stream):
 Routers, all over the same 9 candidates and the same stream:
 
 - static: the starting artifact, argmax of its predicted quality (no cost term), never updated;
-- online: `online.Learner` (the policy's learning defaults: ridge 4, bonus 0.1) on top of the
+- online: `online.Learner` (the policy's learning defaults, `policy.learning.Learning()`: ridge 4,
+  bonus 0.1, ridge_unknown 1 for the model the artifact never saw, as the gateway does) on top of the
   starting artifact's predictions, argmax of `learner.adjusted(q, x)`, with `online.explore` at
   the default share 0.05; after each event only the chosen model's recorded score is revealed and
   added (`learner.add`);
@@ -50,6 +51,7 @@ import numpy as np
 from _common import RESULTS_DIR, ROOT, git_commit, machine_info, versions, write_json
 
 from concilium.core.plan import Prediction
+from concilium.policy.learning import Learning
 from concilium.policy.loader import parse_policy
 from concilium.router import online
 from concilium.router.artifact import DIFFICULTY_VALUES
@@ -109,14 +111,15 @@ def check_batch(dispatcher, policy, prompts: list[str], q: np.ndarray, xs: list,
 
 
 def run_online(q: np.ndarray, xs: list, scores: np.ndarray, models: list[str], seed: int,
-               explore: float, ridge: float, bonus: float) -> tuple[np.ndarray, np.ndarray, int]:
+               explore: float, cfg: Learning, unknown: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
     rng = random.Random(seed)
-    learner = online.Learner(ridge=ridge, bonus=bonus)
+    learner = online.Learner(ridge=cfg.ridge, bonus=cfg.bonus, ridge_unknown=cfg.ridge_unknown)
+    unknown_set = set(unknown)  # models with only a tier prior: what the gateway passes from Dispatcher.model_map
     picks = np.zeros(len(q), dtype=int)
     explored = 0
     for i in range(len(q)):
         qd = dict(zip(models, q[i].tolist(), strict=True))
-        adj = learner.adjusted(qd, xs[i])
+        adj = learner.adjusted(qd, xs[i], unknown=unknown_set)
         greedy = max(models, key=lambda m: adj[m])  # first of the best on ties (policy order)
         choice, _prop, was_random = online.explore(models, greedy, explore, rng)
         explored += was_random
@@ -220,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     reward = {k: scores[idx, p] for k, p in picks.items()}
     reward["oracle"], reward["random"] = oracle, rand
 
-    q0, xs0, _ = preds["static"]
+    q0, xs0, unknown = preds["static"]
+    cfg = Learning()  # the policy's defaults
     t0 = time.perf_counter()
     runs = []
     for k in range(args.repeats):
-        p, r, explored = run_online(q0, xs0, scores, models, args.seed + k, args.explore, 4.0, 0.1)
+        p, r, explored = run_online(q0, xs0, scores, models, args.seed + k, args.explore, cfg, unknown)
         runs.append({"seed": args.seed + k, "picks": p, "reward": r, "explored": explored})
     timings["online_s_per_run"] = round((time.perf_counter() - t0) / max(args.repeats, 1), 2)
     main_run = runs[0]
@@ -335,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "online_router", "git_commit": git_commit(), "machine": machine_info(),
         "versions": versions(["numpy", "scikit-learn"]),
         "settings": {"events": n, "seed": args.seed, "repeats": args.repeats, "explore": args.explore,
-                     "ridge": 4.0, "bonus": 0.1, "new_model": NEW_MODEL, "held_out_category": HELD_OUT_CATEGORY,
+                     "ridge": Learning().ridge, "bonus": Learning().bonus,
+                     "ridge_unknown": Learning().ridge_unknown, "new_model": NEW_MODEL, "held_out_category": HELD_OUT_CATEGORY,
                      "artifact_share_of_nonmath_train": ARTIFACT_SHARE, "artifact_prompts": len(art_recs),
                      "stream_pool": len(pool), "pool_repeated": repeated, "half": half, "window": WINDOW,
                      "static_choice": "argmax predicted quality (no cost term)",

@@ -42,16 +42,9 @@ CHECK_EVERY = 25  # rewarded decisions between two checks
 ROLLBACK_WINDOW = 500
 
 
-def _encode(s: ModelStats) -> dict[str, float]:
-    out = {f"a{i}": float(v) for i, v in enumerate(s.a.ravel())}
-    out.update({f"b{i}": float(v) for i, v in enumerate(s.b)})
-    out["n"] = s.n
-    return out
-
-
-def _decode(h: dict[Any, Any], ridge: float) -> ModelStats:
+def _decode(h: dict[Any, Any]) -> ModelStats:
     get = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in h.items()}
-    a = np.eye(DIM) * ridge + np.array([get.get(f"a{i}", 0.0) for i in range(DIM * DIM)]).reshape(DIM, DIM)
+    a = np.array([get.get(f"a{i}", 0.0) for i in range(DIM * DIM)]).reshape(DIM, DIM)
     b = np.array([get.get(f"b{i}", 0.0) for i in range(DIM)])
     return ModelStats(a, b, get.get("n", 0.0))
 
@@ -85,8 +78,8 @@ class _Store:
         tmp.write_text(json.dumps(self.sums))
         os.replace(tmp, self.dir / "stats.json")
 
-    async def read(self, ridge: float) -> dict[str, ModelStats]:
-        return {m: _decode(h, ridge) for m, h in self.sums.items()}
+    async def read(self) -> dict[str, ModelStats]:
+        return {m: _decode(h) for m, h in self.sums.items()}
 
     async def state(self) -> dict[str, Any]:
         try:
@@ -149,13 +142,13 @@ class _RedisStore(_Store):
         pipe.hincrbyfloat(key, "n", 1)
         await pipe.execute()
 
-    async def read(self, ridge: float) -> dict[str, ModelStats]:
+    async def read(self) -> dict[str, ModelStats]:
         keys = [k async for k in self.redis.scan_iter(match=PREFIX + "stats:*", count=1000)]
         pipe = self.redis.pipeline(transaction=False)
         for k in keys:
             pipe.hgetall(k)
         rows = await pipe.execute() if keys else []
-        return {k.decode().removeprefix(PREFIX + "stats:"): _decode(h, ridge) for k, h in zip(keys, rows, strict=True)}
+        return {k.decode().removeprefix(PREFIX + "stats:"): _decode(h) for k, h in zip(keys, rows, strict=True)}
 
     async def state(self) -> dict[str, Any]:
         raw = await self.redis.get(PREFIX + "state")
@@ -198,7 +191,7 @@ class OnlineRouter:
         self.store = store
         self.metrics = metrics
         cfg = self.cfg
-        self.learner = Learner(cfg.ridge, cfg.bonus)
+        self.learner = Learner(cfg.ridge, cfg.bonus, cfg.ridge_unknown)
         self.live = "static"
         self.window: deque[Logged] = deque(maxlen=WINDOW)
         self._since_check = 0
@@ -232,8 +225,8 @@ class OnlineRouter:
             return
         try:
             cfg = self.cfg
-            self.learner.ridge, self.learner.bonus = cfg.ridge, cfg.bonus
-            stats = await self.store.read(cfg.ridge)
+            self.learner.ridge, self.learner.bonus, self.learner.ridge_unknown = cfg.ridge, cfg.bonus, cfg.ridge_unknown
+            stats = await self.store.read()
             self.learner.load(stats)
             self.events = sum(s.n for s in stats.values())
             self.live = (await self.store.state()).get("live", "static")

@@ -24,6 +24,7 @@ class Learning(BaseModel):
     explore: float = Field(0.05, ge=0, le=0.2)
     bonus: float = Field(0.1, ge=0, le=2)  # optimism for what it has seen little of (UCB width)
     ridge: float = Field(4.0, gt=0)  # prior strength: how many events of evidence the router's own guess is worth
+    ridge_unknown: float = Field(1.0, gt=0)  # ... for a model the trained router never saw (a tier prior)
     promote: Literal["manual", "auto"] = "manual"
     min_events: int = Field(500, ge=10)
     rollback_margin: float = Field(0.05, ge=0, le=1)

@@ -119,7 +119,7 @@ def _versions(args: argparse.Namespace) -> int:
 
     async def show() -> None:
         try:
-            state, history, stats = await store.state(), await store.history(), await store.read(1.0)
+            state, history, stats = await store.state(), await store.history(), await store.read()
         finally:
             await store.close()
         where = settings.redis_url or f"{settings.data_dir}/learning"

@@ -403,7 +403,8 @@ def _learned_order(cands: list[Candidate], prediction: Prediction, policy: Polic
         return cands, None
     x = online_router.context(prediction)
     q = {m: float(prediction.quality.get(m, 0.5)) for m in names}
-    adjusted = online.learner.adjusted(q, x)
+    known = dispatcher.model_map(policy)
+    adjusted = online.learner.adjusted(q, x, unknown={m for m in names if known.get(m) is None})
     learned, _, _ = dispatcher.rank(names, prediction.model_copy(update={"quality": {**prediction.quality,
                                                                                      **adjusted}}), policy, body)
     learner_order = [r[0] for r in learned]

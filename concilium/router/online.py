@@ -7,11 +7,12 @@ the feedback score (0..1) and x the request's context:
     x = [1, P(category) for each of the 7 categories, predicted difficulty]        (9 numbers)
 
 Its estimate is q_m + theta_m . x, plus an optimism bonus `bonus * sqrt(x' A_m^-1 x)` that is large
-for what it has seen little of (a model just added, a category it rarely gets) and shrinks with
+for what it has seen little of (a category it rarely gets; a model the trained router never saw,
+whose prediction is only a tier prior and so gets the weaker `ridge_unknown`) and shrinks with
 evidence: LinUCB on residuals. With no feedback, theta = 0 and it ranks exactly as the trained
 router does, so turning learning on changes nothing until evidence arrives.
 
-The sufficient statistics (A_m = ridge * I + sum x x', b_m = sum (r - q_m) x, n_m) are sums, so
+The sufficient statistics (sum x x', b_m = sum (r - q_m) x, n_m; A_m adds the ridge) are sums, so
 replicas that add to the same Redis hash learn as one (`router/learning_store.py`).
 
 While learning is on, `explore` of the routed requests (never pinned ones, never PII, only routes
@@ -46,28 +47,33 @@ def context(prediction: Prediction | None) -> list[float]:
 
 @dataclass
 class ModelStats:
-    """A_m, b_m, n_m for one model; `theta` and `inverse` are derived (cached by the learner)."""
+    """The sums for one model: sum x x' (`a`), sum (r - q) x (`b`) and the count `n` (no prior in them:
+    the learner adds its ridge when it solves, so the sums stay plain, shareable additions)."""
 
     a: np.ndarray  # DIM x DIM
     b: np.ndarray  # DIM
     n: float = 0.0
 
     @classmethod
-    def prior(cls, ridge: float) -> ModelStats:
-        return cls(np.eye(DIM) * ridge, np.zeros(DIM), 0.0)
+    def empty(cls) -> ModelStats:
+        return cls(np.zeros((DIM, DIM)), np.zeros(DIM), 0.0)
 
-    def solved(self) -> tuple[np.ndarray, np.ndarray]:
-        inv = np.linalg.inv(self.a)
+    def solved(self, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+        inv = np.linalg.inv(self.a + np.eye(DIM) * ridge)
         return inv @ self.b, inv
 
 
 class Learner:
     """Estimates per model from sufficient statistics; `stats` maps model -> ModelStats (what the
-    store last read, plus local updates not yet read back)."""
+    store last read, plus local updates not yet read back).
 
-    def __init__(self, ridge: float = 4.0, bonus: float = 0.1) -> None:
-        self.ridge, self.bonus = ridge, bonus
-        self._solved: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    `ridge` is how many events of evidence the trained router's prediction is worth; for a model
+    the trained router has never seen (its prediction is only a tier prior) that is `ridge_unknown`,
+    so its correction moves faster and its optimism starts larger."""
+
+    def __init__(self, ridge: float = 4.0, bonus: float = 0.1, ridge_unknown: float = 1.0) -> None:
+        self.ridge, self.bonus, self.ridge_unknown = ridge, bonus, ridge_unknown
+        self._solved: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray, float]] = {}
         self.stats: dict[str, ModelStats] = {}
 
     def load(self, stats: dict[str, ModelStats]) -> None:
@@ -75,39 +81,42 @@ class Learner:
         self.stats = stats
         self._solved.clear()
 
-    def _theta(self, model: str) -> tuple[np.ndarray, np.ndarray, float]:
-        got = self._solved.get(model)
+    def _theta(self, model: str, unknown: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+        got = self._solved.get((model, unknown))
         if got is None:
-            s = self.stats.get(model) or ModelStats.prior(self.ridge)
-            theta, inv = s.solved()
-            got = self._solved[model] = (theta, inv, s.n)
+            s = self.stats.get(model) or ModelStats.empty()
+            theta, inv = s.solved(self.ridge_unknown if unknown else self.ridge)
+            got = self._solved[(model, unknown)] = (theta, inv, s.n)
         return got
 
-    def estimate(self, model: str, q: float, x: Sequence[float], optimistic: bool = True) -> float:
+    def estimate(self, model: str, q: float, x: Sequence[float], optimistic: bool = True,
+                 unknown: bool = False) -> float:
         """The learner's P(answers well) for `model` on a request with context `x`; `q` is the
-        trained router's prediction."""
-        theta, inv, _ = self._theta(model)
+        trained router's prediction (`unknown`: only a prior, the trained router never saw the model)."""
+        theta, inv, _ = self._theta(model, unknown)
         v = np.asarray(x)
         est = q + float(theta @ v)
         if optimistic and self.bonus:
             est += self.bonus * math.sqrt(max(0.0, float(v @ inv @ v)))
         return min(1.0, max(0.0, est))
 
-    def adjusted(self, quality: dict[str, float], x: Sequence[float], optimistic: bool = True) -> dict[str, float]:
-        return {m: round(self.estimate(m, q, x, optimistic), 4) for m, q in quality.items()}
+    def adjusted(self, quality: dict[str, float], x: Sequence[float], optimistic: bool = True,
+                 unknown: frozenset[str] | set[str] = frozenset()) -> dict[str, float]:
+        return {m: round(self.estimate(m, q, x, optimistic, m in unknown), 4) for m, q in quality.items()}
 
     def add(self, model: str, x: Sequence[float], reward: float, q: float) -> None:
         """One rewarded decision, locally (the store adds the same to the shared sums)."""
-        s = self.stats.get(model) or ModelStats.prior(self.ridge)
+        s = self.stats.get(model) or ModelStats.empty()
         v = np.asarray(x, dtype=np.float64)
         s.a = s.a + np.outer(v, v)
         s.b = s.b + (reward - q) * v
         s.n += 1
         self.stats[model] = s
-        self._solved.pop(model, None)
+        self._solved = {k: v for k, v in self._solved.items() if k[0] != model}
 
     def events(self, model: str) -> float:
-        return self._theta(model)[2]
+        s = self.stats.get(model)
+        return s.n if s is not None else 0.0
 
 
 def explore(order: list[str], greedy: str, share: float, rng: random.Random | None = None) -> tuple[str, float, bool]:
