@@ -15,13 +15,14 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
+from concilium.core import tracing
 from concilium.core.plan import RoutePlan
 from concilium.gateway import caching, routes_jobs
 from concilium.gateway.errors import APIError, sse_error
 from concilium.gateway.headers import header_value, plan_headers
-from concilium.gateway.request_ids import DECISION, add_cost
+from concilium.gateway.request_ids import COST, DECISION, add_cost
 from concilium.gateway.requests import (
     no_candidates,
     plan_request,
@@ -83,12 +84,88 @@ async def chat_completions(request: Request) -> Response:
 async def answer(request: Request, body: dict[str, Any], t0: float | None = None) -> Response:
     """Plan, admit, execute and settle one chat request that has been read and validated: the chat
     route's own, or one translated from another API (`messages.py`, Anthropic's Messages)."""
+    if tracing.ENABLED:
+        return await _traced(request, body, t0)
+    return await _answer(request, body, t0)
+
+
+SPAN = "concilium.span"  # the request's server span, in the ASGI scope's state (tracing on)
+
+
+async def _traced(request: Request, body: dict[str, Any], t0: float | None) -> Response:
+    """`_answer` inside the request's server span; a stream's span ends with the stream."""
+    model = str(body.get("model"))
+    sp = tracing.start(f"chat {model}", "server", {"gen_ai.operation.name": "chat", "gen_ai.request.model": model})
+    request.scope.setdefault("state", {})[SPAN] = sp
+    try:
+        with tracing.use(sp):
+            resp = await _answer(request, body, t0)
+    except BaseException as e:
+        _trace_response(request, sp, getattr(e, "status", 500), getattr(e, "headers", None) or {})
+        tracing.failed(sp, e)
+        sp.end()
+        raise
+    _trace_response(request, sp, resp.status_code, resp.headers)
+    if not isinstance(resp, StreamingResponse):
+        if resp.media_type == "application/json" and resp.status_code == 200:
+            sp.set_attributes(tracing.usage_attributes(orjson.loads(resp.body).get("usage")))
+        sp.end()
+        return resp
+    inner, close = resp.body_iterator, getattr(resp, "on_close", None)
+
+    def end() -> None:
+        if sp.end_time is None:
+            if cost := request.scope["state"].get(COST):
+                sp.set_attribute("concilium.cost_usd", cost)
+            sp.end()
+
+    async def ending() -> AsyncIterator[Any]:
+        try:
+            async for part in inner:
+                yield part
+        finally:
+            end()
+
+    async def on_close() -> None:  # also when the stream never started
+        try:
+            if close is not None:
+                await close()
+        finally:
+            end()
+
+    resp.body_iterator = ending()
+    if isinstance(resp, EventStreamResponse):
+        resp.on_close = on_close
+    return resp
+
+
+def _trace_response(request: Request, sp: Any, status: int, headers: Any) -> None:
+    attrs = {"http.response.status_code": status}
+    for name, key in (("x-concilium-model", "gen_ai.response.model"), ("x-concilium-route", "concilium.route"),
+                      ("x-concilium-strategy", "concilium.strategy")):
+        if (v := headers.get(name)) is not None:
+            attrs[key] = v
+    if (cost := request.scope.get("state", {}).get(COST)) is not None:
+        attrs["concilium.cost_usd"] = cost
+    sp.set_attributes(attrs)
+
+
+def trace_usage(request: Request, model: str, usage: dict | None) -> None:
+    """Tracing on: a stream's answering model and usage, on the request's server span."""
+    sp = request.scope.get("state", {}).get(SPAN)
+    if sp is not None:
+        sp.set_attributes({"gen_ai.response.model": model, **tracing.usage_attributes(usage)})
+
+
+async def _answer(request: Request, body: dict[str, Any], t0: float | None = None) -> Response:
     svc = request.app.state.services
     metrics = svc.metrics
     t0 = time.perf_counter() if t0 is None else t0
     rid = request_id(request)
     snap: Snapshot = svc.policy.current
     plan = plan_request(snap, body, rid, svc.learning)
+    if tracing.ENABLED:  # the server span names the strategy even when no header does
+        tracing.current().set_attribute("concilium.strategy", plan.strategy)
     if plan.decision is not None:  # router.learning: logged, and joined to feedback, by request id
         request.scope.setdefault("state", {})[DECISION] = (plan.route, plan.decision)
     if not plan.candidates and plan.strategy != "cascade":
@@ -96,7 +173,8 @@ async def answer(request: Request, body: dict[str, Any], t0: float | None = None
         raise no_candidates(plan)
     ticket = None
     if svc.guard.active:  # keys: access, rate limits, reserve the maximum cost
-        ticket, plan = await svc.guard.admit(request, body, plan, snap, plan_headers(plan))
+        with tracing.span("concilium.admit"):
+            ticket, plan = await svc.guard.admit(request, body, plan, snap, plan_headers(plan))
     try:
         if plan.mode == "background" and not routes_jobs.chat_takes(body):
             plan = plan.model_copy(update={"mode": "interactive"})
@@ -198,6 +276,8 @@ def _serve_stream(request: Request, body: dict, plan: RoutePlan, snap: Snapshot,
         await call._aclose(handle.rest)
         elapsed = time.perf_counter() - t0
         metrics.record(handle.model, plan.route, status, elapsed, usage, call_cost(request, snap, handle.model, usage, elapsed))
+        if tracing.ENABLED:
+            trace_usage(request, handle.model, usage)
         if ticket is not None:
             ticket.done(handle.model, usage, status, prior or ())
         if collector is not None and status == "ok" and (result := collector.completion()) is not None:

@@ -19,6 +19,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from concilium.core import tracing
 from concilium.core.plan import RoutePlan
 from concilium.gateway import chat
 from concilium.gateway.errors import sse_error
@@ -188,6 +189,8 @@ def _stream(request: Request, body: dict[str, Any], plan: RoutePlan, snap: Snaps
             elapsed = time.perf_counter() - t0
             metrics.record(handle.model, plan.route, status, elapsed, usage,
                            chat.call_cost(request, snap, handle.model, usage, elapsed))
+            if tracing.ENABLED:
+                chat.trace_usage(request, handle.model, usage)
             settle(handle.model, usage, status)
 
         async for chunk in chat.relay(handle, want_usage, finish):

@@ -8,6 +8,7 @@ import orjson
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from concilium.core import tracing
 from concilium.core.plan import RoutePlan
 from concilium.gateway.errors import APIError
 from concilium.gateway.headers import plan_headers
@@ -69,16 +70,22 @@ def validate(model: type, body: dict[str, Any]) -> None:
 
 def plan_request(snap: Snapshot, body: dict[str, Any], rid: str, online: Any = None) -> RoutePlan:
     """The request's plan; `online` is the OnlineRouter (router.learning), consulted when enabled."""
-    pii = privacy.verdict(body, snap.policy, rid)  # None unless the policy routes on PII
-    try:
-        plan = decide(body, snap.policy, dispatcher=snap.dispatcher, availability=snap.availability,
-                      windows=snap.context_limit, features=snap.unsupported, request_id=rid, pii=pii,
-                      online=online)
-    except DecisionError as e:
-        raise APIError(e.status, e.message, code=e.code, param=e.param) from None
-    if plan.requested_model != body.get("model"):  # an alias: keys, budgets and jobs see its target
-        body["model"] = plan.requested_model
-    return privacy.restrict(plan, snap.policy, pii)
+    with tracing.span("concilium.decide") as sp:
+        pii = privacy.verdict(body, snap.policy, rid)  # None unless the policy routes on PII
+        try:
+            plan = decide(body, snap.policy, dispatcher=snap.dispatcher, availability=snap.availability,
+                          windows=snap.context_limit, features=snap.unsupported, request_id=rid, pii=pii,
+                          online=online)
+        except DecisionError as e:
+            raise APIError(e.status, e.message, code=e.code, param=e.param) from None
+        if plan.requested_model != body.get("model"):  # an alias: keys, budgets and jobs see its target
+            body["model"] = plan.requested_model
+        plan = privacy.restrict(plan, snap.policy, pii)
+        if tracing.ENABLED:
+            sp.set_attributes({"concilium.route": plan.route, "concilium.strategy": plan.strategy,
+                               "gen_ai.request.model": plan.requested_model,
+                               "concilium.candidates": [c.model for c in plan.candidates]})
+        return plan
 
 
 def no_candidates(plan: RoutePlan) -> APIError:

@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 
 import orjson
 
+from concilium.core import tracing
 from concilium.core.plan import CascadeStep, RoutePlan
 from concilium.policy.loader import PolicyError, format_loc
 from concilium.policy.pricing import cost_usd, estimated_usage
@@ -160,52 +161,53 @@ async def run(plan: RoutePlan, body: dict[str, Any], snap: Any,
     for step in out.steps:
         if step.action != "score":
             continue
-        t0 = time.perf_counter()
-        task = asyncio.ensure_future(call.complete(draft_plan(plan, step, snap), dbody, snap.ctx))
-        try:
-            if hedge_ms is not None and final_task is None and plan.candidates:
-                done, _ = await asyncio.wait({task}, timeout=hedge_ms / 1000)
-                if not done:  # slow draft: start the final stage beside it
-                    final_task = asyncio.ensure_future(final(plan))
-                    await asyncio.wait({task, final_task}, return_when=asyncio.FIRST_COMPLETED)
-                    if final_task.done() and not task.done():
-                        await _cancel(task)
-                        step.error = f"cancelled: the final stage answered first (hedge after {hedge_ms:g} ms)"
-                        out.calls.append(Call(step.model, estimated_prompt_usage(dbody), time.perf_counter() - t0,
-                                              ok=False))
-                        step.latency_s = time.perf_counter() - t0
-                        await _final(out, final_task)
-                        return out
-            model, result, _ = await task
-        except (ProviderError, call.AllCandidatesFailed) as e:
-            step.error = str(e)[:300]
+        with tracing.step(step, "draft"):  # the draft's call and its scoring
+            t0 = time.perf_counter()
+            task = asyncio.ensure_future(call.complete(draft_plan(plan, step, snap), dbody, snap.ctx))
+            try:
+                if hedge_ms is not None and final_task is None and plan.candidates:
+                    done, _ = await asyncio.wait({task}, timeout=hedge_ms / 1000)
+                    if not done:  # slow draft: start the final stage beside it
+                        final_task = asyncio.ensure_future(final(plan))
+                        await asyncio.wait({task, final_task}, return_when=asyncio.FIRST_COMPLETED)
+                        if final_task.done() and not task.done():
+                            await _cancel(task)
+                            step.error = f"cancelled: the final stage answered first (hedge after {hedge_ms:g} ms)"
+                            out.calls.append(Call(step.model, estimated_prompt_usage(dbody), time.perf_counter() - t0,
+                                                  ok=False))
+                            step.latency_s = time.perf_counter() - t0
+                            await _final(out, final_task)
+                            return out
+                model, result, _ = await task
+            except (ProviderError, call.AllCandidatesFailed) as e:
+                step.error = str(e)[:300]
+                step.latency_s = time.perf_counter() - t0
+                out.calls.append(Call(step.model, None, step.latency_s, ok=False))
+                continue
+            except BaseException:
+                if not task.done():
+                    await _cancel(task)
+                if final_task is not None:
+                    await _cancel(final_task)
+                raise
             step.latency_s = time.perf_counter() - t0
-            out.calls.append(Call(step.model, None, step.latency_s, ok=False))
-            continue
-        except BaseException:
-            if not task.done():
-                await _cancel(task)
-            if final_task is not None:
-                await _cancel(final_task)
-            raise
-        step.latency_s = time.perf_counter() - t0
-        usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
-        step.usage = usage
-        spec = snap.policy.models.get(model)
-        step.cost_usd = cost_usd(spec, usage, step.latency_s) if spec is not None else None
-        out.calls.append(Call(model, usage, step.latency_s))
-        s0 = time.perf_counter()
-        step.score = round(scorer.score_completion(body, result, samples=earlier, router_quality=step.router_quality)
-                           if scorer is not None else 1.0, 4)
-        earlier.append(completion_text(result))
-        out.scoring_s += time.perf_counter() - s0
-        step.accepted = step.score >= (step.threshold if step.threshold is not None else 0.5)
-        if step.accepted:
-            if final_task is not None:  # the draft won the race
-                await _stop_final(final_task, out, plan, dbody, t0)
-            out.draft, out.draft_model = result, model
-            return out
-        last = (model, result, step)
+            usage = result.get("usage") if isinstance(result.get("usage"), dict) else None
+            step.usage = usage
+            spec = snap.policy.models.get(model)
+            step.cost_usd = cost_usd(spec, usage, step.latency_s) if spec is not None else None
+            out.calls.append(Call(model, usage, step.latency_s))
+            s0 = time.perf_counter()
+            step.score = round(scorer.score_completion(body, result, samples=earlier, router_quality=step.router_quality)
+                               if scorer is not None else 1.0, 4)
+            earlier.append(completion_text(result))
+            out.scoring_s += time.perf_counter() - s0
+            step.accepted = step.score >= (step.threshold if step.threshold is not None else 0.5)
+            if step.accepted:
+                if final_task is not None:  # the draft won the race
+                    await _stop_final(final_task, out, plan, dbody, t0)
+                out.draft, out.draft_model = result, model
+                return out
+            last = (model, result, step)
     if final_task is not None:
         await _final(out, final_task)
         return out

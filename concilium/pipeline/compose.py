@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from concilium.core import tracing
 from concilium.core.plan import Candidate, RoutePlan, Step
 from concilium.pipeline.cascade import Call, estimated_prompt_usage
 from concilium.policy.compose import (
@@ -128,6 +129,10 @@ class _Runner:
 
     async def step(self, step: Step, sbody: dict[str, Any]) -> str | None:
         """Call one step's model; its answer, or None when it failed (recorded on the step)."""
+        with tracing.step(step):
+            return await self._step(step, sbody)
+
+    async def _step(self, step: Step, sbody: dict[str, Any]) -> str | None:
         if (saved := self.restored.get(step.id)) is not None:  # a finished step of an earlier run
             step.status, step.usage, step.latency_s = "restored", saved.get("usage"), saved.get("latency_s")
             step.cost_usd = saved.get("cost_usd")

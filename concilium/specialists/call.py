@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from concilium.core import tracing
 from concilium.core.plan import Candidate, RoutePlan
 from concilium.policy.schema import Retry
 from concilium.specialists.base import Provider, ProviderError
@@ -89,11 +90,12 @@ def attempt_timeout(plan: RoutePlan, cand: Candidate) -> float:
     return cand.timeout_s or plan.timeout_s or DEFAULT_TIMEOUT_S
 
 
-async def _attempts(plan: RoutePlan, ctx: CallContext, run: Callable[[Provider, float], Any]) -> Any:
+async def _attempts(plan: RoutePlan, ctx: CallContext, run: Callable[[Provider, float], Any],
+                    operation: str = "chat") -> Any:
     """Shared retry/fallback loop; `run(provider, timeout)` returns the result or raises ProviderError."""
     attempts: list[Attempt] = []
     last: ProviderError | None = None
-    for cand in plan.candidates:
+    for i, cand in enumerate(plan.candidates):
         if (why := ctx.breaker.open_reason(cand.model)) is not None:
             attempts.append(Attempt(cand.model, why, 503))
             continue
@@ -101,7 +103,12 @@ async def _attempts(plan: RoutePlan, ctx: CallContext, run: Callable[[Provider, 
         timeout = attempt_timeout(plan, cand)
         for attempt in range(plan.retries + 1):
             try:
-                result = await run(provider, timeout)
+                if tracing.ENABLED:  # one client span per attempt
+                    result = await tracing.attempt(run(provider, timeout), model=cand.model, provider=cand.provider,
+                                                   number=len(attempts) + 1, fallback=i > 0, retry=attempt,
+                                                   operation=operation)
+                else:
+                    result = await run(provider, timeout)
             except ProviderError as e:
                 last = e
                 attempts.append(Attempt(cand.model, e.message, e.status, e.code, e.retry_after))
@@ -182,4 +189,4 @@ async def embed(plan: RoutePlan, body: dict[str, Any], ctx: CallContext) -> tupl
     async def run(p: Provider, timeout: float) -> dict:
         return await p.embed(body, timeout=timeout)
 
-    return await _attempts(plan, ctx, run)
+    return await _attempts(plan, ctx, run, "embeddings")

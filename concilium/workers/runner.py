@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from concilium.core import tracing
 from concilium.core.plan import RoutePlan
 from concilium.pipeline import cascade, compose
 from concilium.pipeline.state import Snapshot
@@ -123,10 +124,18 @@ class JobRunner:
         self.can_kill = can_kill  # the pool kills at the hard limit; our own deadline is the fallback
 
     async def run(self, job_id: str, worker: str = "") -> RunResult:
-        store, env = self.store, self.env
-        record = await store.get(job_id)
+        record = await self.store.get(job_id)
         if record is None:
             return RunResult("done")  # expired, or never stored
+        if not tracing.ENABLED:
+            return await self._run(job_id, worker, record)
+        with tracing.job(job_id, record["spec"].get("traceparent"), worker) as sp:  # the gateway's trace
+            result = await self._run(job_id, worker, record)
+            sp.set_attribute("concilium.job.outcome", result.state)
+            return result
+
+    async def _run(self, job_id: str, worker: str, record: dict[str, Any]) -> RunResult:
+        store, env = self.store, self.env
         spec = record["spec"]
         snap = await self.snapshot()  # before the lease starts: a policy change may load models
         token = uuid.uuid4().hex

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from concilium.core import tracing
 from concilium.core.plan import RoutePlan
 from concilium.pipeline.state import PolicyState, Snapshot
 from concilium.policy.jobs import JobsConfig
@@ -117,6 +118,8 @@ class JobService:
                 "soft_timeout_s": soft, "hard_timeout_s": hard, "queue": queue, "owner": owner,
                 "response": template, "max_attempts": cfg.max_attempts, "ttl_s": cfg.result_ttl_s,
                 "request_id": plan.request_id, "submitted_at": now}
+        if tracing.ENABLED and (parent := tracing.traceparent()):  # the worker's job span joins this trace
+            spec["traceparent"] = parent
         job_id = new_job_id()
         queued = response_object(job_id, {"status": "queued", "spec": spec})
         events = [ev("response.created", response=queued), ev("response.queued", response=queued)]
