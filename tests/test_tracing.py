@@ -179,3 +179,21 @@ def test_fusion_steps_are_traced(fake_upstream, upstream, gateway_factory, colle
     synth = [s for s in children(spans, root) if s.name == "chat synth"]
     assert len(synth) == 1 and synth[0].kind == CLIENT
     assert b"zebra-quokka" not in b"".join(collector.raw)
+
+
+def test_a_background_job_joins_the_request_trace(fake_upstream, upstream, gateway_factory, collector):
+    """A chat request on a background route becomes a job (the embedded worker runs it here): its
+    `concilium.job` span is a child of the request's server span, and the job's call is under it."""
+    text = fallback_policy(fake_upstream.url, "").replace("    rank: false\n", "    rank: false\n    mode: background\n")
+    gw = gateway_factory(text, env=otel_env(collector))
+    gw.client().chat.completions.create(model="concilium/auto", messages=[{"role": "user", "content": SECRET}])
+    root, _ = collector.trace("chat concilium/auto")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not any(s.name == "concilium.job" for s in collector.spans):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    (job,) = [s for s in collector.spans if s.name == "concilium.job"]
+    assert job.trace_id == root.trace_id and job.parent_span_id == root.span_id
+    assert attrs(job)["concilium.job.id"].startswith("resp_")
+    calls = [s for s in collector.spans if s.parent_span_id == job.span_id]
+    assert [c.name for c in calls] == ["chat first"] and calls[0].kind == CLIENT
