@@ -392,6 +392,12 @@ def decide(
     )
 
 
+def artifact_version(dispatcher: Any) -> str:
+    """The trained router's version: `static (<when it was trained>)`."""
+    created = getattr(getattr(dispatcher, "artifact", None), "meta", {}).get("created")
+    return f"static ({created})" if created else "static"
+
+
 def _learned_order(cands: list[Candidate], prediction: Prediction, policy: Policy, body: dict[str, Any],
                    dispatcher: Any, online: Any, reasons: list[str]) -> tuple[list[Candidate], Decision | None]:
     """router.learning: the live router's order of the route's targets (the trained router's, or the
@@ -418,8 +424,9 @@ def _learned_order(cands: list[Candidate], prediction: Prediction, policy: Polic
     choices = {"static": names[0], "learner": learner_order[0]}
     reasons.append(f"learning: {online.live} router live" + (f", explored {chosen} (p={p:.3f})" if explored else "")
                    + ("" if online.live == "learner" else f"; the learner in shadow would pick {learner_order[0]}"))
+    version = online.version if online.live == "learner" else artifact_version(dispatcher)
     decision = Decision(x=x, q={m: round(v, 4) for m, v in q.items()}, choices=choices, live=online.live,
-                        chosen=chosen, propensity=round(p, 6), explored=explored, version=online.version)
+                        chosen=chosen, propensity=round(p, 6), explored=explored, version=version)
     return order + rest, decision
 
 
