@@ -17,14 +17,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from concilium import __version__
-from concilium.gateway import anthropic, embeddings, messages, routes_feedback, routes_jobs, routes_usage
+from concilium.gateway import (
+    admin,
+    anthropic,
+    embeddings,
+    messages,
+    routes_feedback,
+    routes_jobs,
+    routes_usage,
+)
 from concilium.gateway.auth import AuthMiddleware
 from concilium.gateway.chat import chat_completions
 from concilium.gateway.errors import APIError, error_response
 from concilium.gateway.fastpath import FastPath
 from concilium.gateway.limits import BodySizeLimit
 from concilium.gateway.openapi import body_schema, document
-from concilium.gateway.request_ids import RequestIdMiddleware
+from concilium.gateway.request_ids import RequestIdMiddleware, RequestLog
 from concilium.gateway.requests import plan_request, read_json, request_id, validate
 from concilium.gateway.routes_jobs import jobs_unavailable
 from concilium.gateway.schemas import ChatCompletionRequest, RouteRequest
@@ -59,7 +67,9 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
     app.add_middleware(BodySizeLimit, limit=lambda: state.current.policy.limits.max_body_bytes)
     app.add_middleware(AuthMiddleware, guard=svc.guard, metrics=metrics)  # a request without a valid key goes no further
     app.add_middleware(messages.AnthropicErrors)  # /v1/messages answers every error in Anthropic's shape
-    app.add_middleware(RequestIdMiddleware, recent=svc.recent, learning=svc.learning)  # outermost: every response names its request id
+    app.state.request_log = RequestLog()  # the console's last requests (admin.py)
+    app.add_middleware(RequestIdMiddleware, recent=svc.recent, learning=svc.learning,
+                       log=app.state.request_log)  # outermost: every response names its request id
 
     metrics.watch_breakers(state)
 
@@ -181,7 +191,7 @@ def create_app(settings: Settings | None = None, policy_path: str | None = None)
     async def _jobs_down(_: Request, exc: StoreUnavailable) -> Response:
         return error_response(jobs_unavailable(exc))
 
-    for module in (routes_feedback, routes_jobs, routes_usage):
+    for module in (routes_feedback, routes_jobs, routes_usage, admin):
         app.include_router(module.router)
     app.openapi = lambda: document(app)  # request bodies, error statuses and media types the routes do not declare
     return app

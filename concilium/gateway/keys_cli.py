@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--usd-per-month", type=float)
     c.add_argument("--rpm", type=int, help="requests per minute")
     c.add_argument("--tpm", type=int, help="tokens per minute")
+    c.add_argument("--admin", action="store_true", help="may open the console and /v1/admin/* (all keys' spend)")
     c.add_argument("--file", help="key file (default: $CONCILIUM_KEYS_FILE or <data dir>/keys.yaml)")
     c.add_argument("--print-only", action="store_true",
                    help="write nothing: print the key and the YAML entry to paste into a policy's keys:")
@@ -70,6 +71,8 @@ def _entry(args: argparse.Namespace, key_hash: str) -> dict:
     rate = {k: v for k, v in (("requests_per_min", args.rpm), ("tokens_per_min", args.tpm)) if v is not None}
     if rate:
         entry["rate"] = rate
+    if getattr(args, "admin", False):
+        entry["admin"] = True
     return entry
 
 

@@ -11,6 +11,9 @@ the cost in USD. Never the prompt or the key. Nothing is measured while the logg
 
 With `router.learning` on, a request the online router decided is also written to its decision log
 (`pipeline/learning.py`) with its status, the model that answered, its cost and its latency.
+
+`RequestLog`: the same summary of the last answered requests, kept in process for the console
+(`/v1/admin/requests`): a bounded deque, one append per request, no lock, no I/O.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from typing import Any
 from urllib.parse import unquote
 
@@ -50,11 +54,22 @@ def add_cost(scope: dict[str, Any], usd: float) -> None:
 ANSWERING = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages"})
 
 
+class RequestLog:
+    """The last `size` answered requests, newest last, as tuples (unix time, id, path, status, key, model,
+    route, seconds, cost in USD): what the access log says of them, never the prompt."""
+
+    FIELDS = ("time", "id", "path", "status", "key", "model", "route", "latency_s", "cost_usd")
+
+    def __init__(self, size: int = 1000) -> None:
+        self.entries: deque[tuple] = deque(maxlen=size)  # append is atomic: no lock on the request path
+
+
 class RequestIdMiddleware:
-    def __init__(self, app: Any, recent: Any = None, learning: Any = None) -> None:
+    def __init__(self, app: Any, recent: Any = None, learning: Any = None, log: RequestLog | None = None) -> None:
         self.app = app
         self.recent = recent  # gateway.recent.RecentRequests: answered request ids, for /v1/feedback
         self.learning = learning  # pipeline.learning.OnlineRouter: logs each routed request's decision
+        self.log = log  # the console's last requests
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -68,10 +83,12 @@ class RequestIdMiddleware:
         if rid is None or not valid_request_id(rid.decode("latin-1")):
             rid = new_request_id().encode()
             scope["headers"] = [(k, v) for k, v in headers if k != _NAME] + [(_NAME, rid)]
-        recent = self.recent if scope["method"] == "POST" and scope["path"] in ANSWERING else None
+        answering = scope["method"] == "POST" and scope["path"] in ANSWERING
+        recent = self.recent if answering else None
         learning = self.learning if recent is not None and self.learning is not None and self.learning.enabled else None
+        ring = self.log if answering else None
         logging_on = access.isEnabledFor(logging.INFO)
-        if not logging_on and learning is None:
+        if not logging_on and learning is None and ring is None:
             return await self.app(scope, receive, self._sender(send, scope, rid, None, recent))
         t0 = time.perf_counter()
         seen: dict[bytes, Any] = {}
@@ -85,10 +102,16 @@ class RequestIdMiddleware:
             if logging_on:
                 self._log(scope, rid, seen, seconds)
             state = scope.get("state") or {}
+            model = seen.get(_MODEL)
             if learning is not None and (d := state.get(DECISION)) is not None:
-                model = seen.get(_MODEL)
                 learning.record(rid.decode("latin-1"), d[0], d[1], seen.get(b"status", 499),
                                 unquote(model.decode("latin-1")) if model else None, state.get(COST), seconds)
+            if ring is not None:
+                route = seen.get(_ROUTE)
+                ring.entries.append((time.time(), rid.decode("latin-1"), scope["path"], seen.get(b"status", 499),
+                                     getattr(state.get(STATE_KEY), "name", None),
+                                     unquote(model.decode("latin-1")) if model else None,
+                                     unquote(route.decode("latin-1")) if route else None, seconds, state.get(COST)))
 
     @staticmethod
     def _sender(send: Any, scope: dict[str, Any], rid: bytes, seen: dict[bytes, Any] | None, recent: Any) -> Any:

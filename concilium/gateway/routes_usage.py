@@ -15,7 +15,7 @@ from concilium.guard.store import Window
 router = APIRouter()
 
 
-async def _scope_usage(guard: Guard, s: Scope, w: Window) -> dict:
+async def scope_usage(guard: Guard, s: Scope, w: Window) -> dict:
     b, r = s.limits.budget, s.limits.rate
     u = await guard.store.usage(s.name, r.requests_per_min if r else None, r.tokens_per_min if r else None, w)
     out: dict = {"scope": s.kind, "id": s.id,
@@ -43,7 +43,7 @@ async def usage(request: Request) -> Response:
     scopes = list(key.scopes) + [s for ss in key.model_scopes.values() for s in ss]
     e = key.entry
     body = {"object": "usage", "key": e.name, "team": e.team, "models": e.models, "routes": e.routes,
-            "scopes": [await _scope_usage(guard, s, w) for s in scopes]}
+            "scopes": [await scope_usage(guard, s, w) for s in scopes]}
     if getattr(guard.store, "degraded", False):
         body["degraded"] = "the shared limits store is unreachable; figures are this replica's view"
     return Response(orjson.dumps(body), media_type="application/json")

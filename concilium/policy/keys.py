@@ -2,7 +2,7 @@
 
 `keys:` is a list. Each entry is one of:
 
-- a key:   `{name, hash, team?, models?, routes?, budget?, rate?, model_limits?, default_max_tokens?}`
+- a key:   `{name, hash, team?, models?, routes?, budget?, rate?, model_limits?, default_max_tokens?, admin?}`
 - a team:  `{team, budget?, rate?}`        shared caps for every key of that team
 - a model: `{model, budget?, rate?}`       caps on one model across all keys
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from concilium.policy.errors import Loc, PathError, PolicyError, format_loc, located_problems
 
@@ -65,6 +65,7 @@ class KeyEntry(Limits):
     model_limits: dict[str, Limits] = Field(default_factory=dict)  # caps on one model for this key
     default_max_tokens: int = Field(4096, gt=0)  # output bound used when a budgeted request sets none
     disabled: bool = False
+    admin: StrictBool = False  # may read the console and /v1/admin (every key's spend, all traffic)
 
     @field_validator("name")
     @classmethod
