@@ -48,13 +48,34 @@ def browser():
 
 
 def wait(driver, check, timeout: float = 20.0):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: check())
+    # The live tabs re-render every 2 s: an element read mid-refresh is stale; look again.
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+                         ).until(lambda d: check())
+
+
+def _fresh(read):
+    """`read()`, again if the live tabs re-rendered the element between finding and reading it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(50):
+        try:
+            return read()
+        except StaleElementReferenceException:
+            continue
+    return read()
 
 
 def text(driver, element_id: str) -> str:
-    return driver.find_element("id", element_id).text
+    return _fresh(lambda: driver.find_element("id", element_id).text)
+
+
+def rows(driver, selector: str) -> list[str]:
+    """The text of each element matching `selector`, read together."""
+    return _fresh(lambda: [r.text for r in driver.find_elements("css selector", selector)])
 
 
 def shot(driver, name: str) -> None:
@@ -93,8 +114,8 @@ def test_playground_plans_and_streams(gw, browser):
     browser.find_element("id", "pg-prompt").send_keys(PROMPT)
     browser.find_element("id", "pg-send").click()
     wait(browser, lambda: browser.find_elements("css selector", "#plan-candidates .candidate"))
-    rows = [r.text for r in browser.find_elements("css selector", "#plan-candidates .candidate")]
-    assert rows[0].startswith("strong") and any(r.startswith("cheap") for r in rows)  # the fallback
+    cands = rows(browser, "#plan-candidates .candidate")
+    assert cands[0].startswith("strong") and any(r.startswith("cheap") for r in cands)  # the fallback
     assert browser.find_elements("css selector", "#plan-prediction .category")  # the learned router's guess
     assert "main" in text(browser, "plan-summary")
     wait(browser, lambda: text(browser, "pg-status") == "done" or text(browser, "pg-error"))
@@ -111,7 +132,7 @@ def test_playground_cascade_plan(gw, browser):
     Select(browser.find_element("id", "pg-model")).select_by_visible_text("concilium/cascade")
     browser.find_element("id", "pg-plan").click()
     wait(browser, lambda: "cascade" in text(browser, "plan-summary"))
-    steps = [s.text for s in browser.find_elements("css selector", "#plan-strategy .step")]
+    steps = rows(browser, "#plan-strategy .step")
     assert steps and steps[0].startswith("cheap: score")
     Select(browser.find_element("id", "pg-model")).select_by_visible_text("concilium/auto")
 
@@ -129,14 +150,14 @@ def test_traffic_refreshes_live(gw, browser):
 
 def test_spend_updates_after_a_request(gw, browser):
     def alice_row() -> str:
-        return next(r.text for r in browser.find_elements("css selector", "#spend-keys tr") if r.text.startswith("alice"))
+        return next((r for r in rows(browser, "#spend-keys tr") if r.startswith("alice")), "")
 
     tab(browser, "spend")
     wait(browser, lambda: "alice" in text(browser, "spend-keys"))
     before = alice_row()
     assert "of $1.00" in before and "of $10.00" in before  # today and this month, against the budgets
     assert chat(gw, USER, text="spend a little more on this request")[0] == 200
-    wait(browser, lambda: alice_row() != before, 10)
+    wait(browser, lambda: alice_row() != before, 30)
     assert "research" in text(browser, "spend-teams") and "strong" in text(browser, "spend-models")
     shot(browser, "spend")
 
