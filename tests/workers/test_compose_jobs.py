@@ -61,9 +61,9 @@ def test_a_worker_killed_mid_panel_resumes_without_paying_twice(stack, upstream)
     upstream.default("slow-up", {"delay_s": 4.0})
     c = stack.gateway.client()
     job = c.responses.create(model="concilium/auto", input=TEXT, background=True)
-    wait_for(lambda: any(e["id"] == "p1" and e["status"] == "ok" for e in steps(stack, job.id)), 30,
-             "the fast panelist's checkpoint")
-    assert upstream.stats()["by_model"].get("slow-up") == 1  # the slow one is still thinking
+    wait_for(lambda: any(e["id"] == "p1" and e["status"] == "ok" for e in steps(stack, job.id))
+             and upstream.stats()["by_model"].get("slow-up") == 1, 30,
+             "the fast panelist's checkpoint, with the slow one still thinking")
     stack.worker_running(job.id).kill_group()  # kill -9 the worker and its pool process
     final = finished(c, job.id, timeout=60)
     assert final.status == "completed" and final.output_text == echo(TEXT)
