@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from concilium.core.batches import Batches
 from concilium.core.plan import Decision
 from concilium.core.redis import connect
 
@@ -25,14 +26,18 @@ SIZE = 100_000
 TTL_S = 7 * 86400.0
 
 
+def _write_failed(e: Exception, lost: int) -> None:
+    log.warning("%d recent request ids not written to Redis (%s): feedback on them will be refused",
+                lost, type(e).__name__)
+
+
 class RecentRequests:
     def __init__(self, redis_url: str | None = None, size: int = SIZE, ttl_s: float = TTL_S) -> None:
         self.size = size
         self.ttl_s = ttl_s
         self._ids: OrderedDict[str, str] = OrderedDict()
         self._redis = connect(redis_url) if redis_url else None
-        self._pending: list[tuple[str, str]] = []
-        self._flushing: asyncio.Future | None = None
+        self._writes: Batches[tuple[str, str]] = Batches(self._write, _write_failed)
 
     def add(self, rid: str, owner: str, decision: Any = None) -> None:
         """Record that `owner` ('' without keys) made request `rid` (called once per answered request);
@@ -43,29 +48,17 @@ class RecentRequests:
             ids.popitem(last=False)
         if self._redis is not None:
             value = owner if decision is None else orjson.dumps({"o": owner, "d": decision.model_dump()}).decode()
-            self._pending.append((rid, value))
-            if self._flushing is None:
-                self._flushing = asyncio.ensure_future(self._flush())
+            self._writes.add((rid, value))
 
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                pipe = self._redis.pipeline(transaction=False)
-                for rid, owner in batch:
-                    pipe.set(PREFIX + rid, owner, ex=int(self.ttl_s))
-                await pipe.execute()
-        except Exception as e:
-            log.warning("recent request ids not written to Redis (%s): feedback on them will be refused",
-                        type(e).__name__)
-            self._pending.clear()
-        finally:
-            self._flushing = None
+    async def _write(self, batch: list[tuple[str, str]]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for rid, value in batch:
+            pipe.set(PREFIX + rid, value, ex=int(self.ttl_s))
+        await pipe.execute()
 
     async def flushed(self) -> None:
         """Wait until every id added so far is written (tests, shutdown)."""
-        while self._flushing is not None:
-            await asyncio.shield(self._flushing)
+        await self._writes.flushed()
 
     async def _get(self, rid: str) -> str | tuple[str, Any] | None:
         got = self._ids.get(rid)

@@ -73,8 +73,7 @@ class Composed:
 def model_plan(plan: RoutePlan, model: str, snap: Any, timeout_s: float | None, reason: str) -> RoutePlan:
     """A one-model plan for one step: that model only (a step has no fallbacks), the plan's retries."""
     spec = snap.policy.models[model]
-    limit = min(x for x in (timeout_s, spec.timeout_s, plan.timeout_s) if x is not None) if (
-        timeout_s or spec.timeout_s or plan.timeout_s) else None
+    limit = min((x for x in (timeout_s, spec.timeout_s, plan.timeout_s) if x is not None), default=None)
     return plan.model_copy(update={
         "candidates": [Candidate(model=model, provider=spec.provider, timeout_s=limit, reason=reason)],
         "strategy": "single", "steps": [], "cascade": []})

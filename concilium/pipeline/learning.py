@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from concilium.core.batches import Batches
 from concilium.core.plan import Decision
 from concilium.core.redis import connect
 from concilium.policy.learning import Learning
@@ -182,6 +183,10 @@ def open_store(redis_url: str | None, data_dir: str, retention: int = 100_000) -
     return _RedisStore(redis_url, retention) if redis_url else _Store(data_dir, retention)
 
 
+def _log_failed(e: Exception, lost: int) -> None:
+    log.warning("decision log write failed (%s): %d decisions dropped", type(e).__name__, lost)
+
+
 class OnlineRouter:
     """One per gateway process: what `decide` reads (`learner`, `live`, `explore`), and what the
     request path and `/v1/feedback` feed (`record`, `feedback`)."""
@@ -195,8 +200,7 @@ class OnlineRouter:
         self.live = "static"
         self.window: deque[Logged] = deque(maxlen=WINDOW)
         self._since_check = 0
-        self._pending: list[bytes] = []
-        self._flushing: asyncio.Future | None = None
+        self._log: Batches[bytes] = Batches(self.store.append_log, _log_failed)
         self._task: asyncio.Task | None = None
         self.events = 0.0
 
@@ -250,24 +254,10 @@ class OnlineRouter:
                                "latency_s": round(seconds, 4)}
         if answered and answered != decision.chosen:
             rec["fallback"] = True  # an implicit signal: the chosen model did not answer
-        self._pending.append(orjson.dumps(rec))
-        if self._flushing is None:
-            self._flushing = asyncio.ensure_future(self._flush())
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                await self.store.append_log(batch)
-        except Exception as e:
-            log.warning("decision log write failed (%s): %d decisions dropped", type(e).__name__, len(self._pending))
-            self._pending.clear()
-        finally:
-            self._flushing = None
+        self._log.add(orjson.dumps(rec))
 
     async def flushed(self) -> None:
-        while self._flushing is not None:
-            await asyncio.shield(self._flushing)
+        await self._log.flushed()
 
     # -- learning -----------------------------------------------------------------------------
     async def feedback(self, decision: Decision, score: float) -> None:

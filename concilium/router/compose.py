@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from concilium.core.plan import Prediction, Step
-from concilium.policy.compose import Chain, Fusion
+from concilium.policy.compose import PLANNER_PROMPT, Chain, Fusion
 from concilium.policy.pricing import estimate_usd, prompt_tokens
 from concilium.policy.schema import CATEGORIES, Policy
 from concilium.router.text import prompt_chars
@@ -173,14 +173,7 @@ def depth(steps: list[dict[str, Any]]) -> int:
 
 
 def planner_prompt(chain: Chain) -> str:
-    return (chain.planner_prompt or _default_planner_prompt()).format(
-        max_steps=chain.max_steps, categories="/".join(CATEGORIES))
-
-
-def _default_planner_prompt() -> str:
-    from concilium.policy.compose import PLANNER_PROMPT
-
-    return PLANNER_PROMPT
+    return (chain.planner_prompt or PLANNER_PROMPT).format(max_steps=chain.max_steps, categories="/".join(CATEGORIES))
 
 
 def specialist(chain: Chain, category: str | None, fallback: str, why_not: WhyNot) -> tuple[str, str]:
