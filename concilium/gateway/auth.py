@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 from concilium.gateway.errors import APIError, error_response
@@ -25,21 +26,23 @@ class AuthMiddleware:
         self.guard = guard
         self.metrics = metrics  # counts the 401s (gateway.metrics.Metrics.reject)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[None]:
+        # A plain function handing back the next layer's (or the refusal's) awaitable: no coroutine
+        # of its own for every request to pass through.
         if scope["type"] != "http" or not scope["path"].startswith("/v1/") or not self.guard.active:
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)
         token = bearer(_header(scope, b"authorization")) or _header(scope, b"x-api-key")
         if not token:
             err = APIError(401, "missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`)",
                            code="missing_api_key", type="authentication_error", headers=_CHALLENGE)
-            return await self._refuse(err, scope, receive, send)
+            return self._refuse(err, scope, receive, send)
         key = self.guard.table().lookup(token)
         if key is None or key.entry.disabled:
             why = "this API key is disabled" if key is not None else "invalid API key"
             err = APIError(401, why, code="invalid_api_key", type="authentication_error", headers=_CHALLENGE)
-            return await self._refuse(err, scope, receive, send)
+            return self._refuse(err, scope, receive, send)
         scope.setdefault("state", {})[STATE_KEY] = key
-        return await self.app(scope, receive, send)
+        return self.app(scope, receive, send)
 
     async def _refuse(self, err: APIError, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if self.metrics is not None:

@@ -20,14 +20,15 @@ class BodySizeLimit:
         self.app = app
         self.limit = limit
 
-    async def __call__(self, scope, receive, send):
+    def __call__(self, scope, receive, send):
+        # A plain function handing back the next layer's awaitable: no coroutine of its own per request.
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)
         limit = self.limit()
         for k, v in scope["headers"]:
             if k == b"content-length":
                 if v.isdigit() and int(v) > limit:
-                    return await error_response(_too_large(limit))(scope, receive, send)
+                    return error_response(_too_large(limit))(scope, receive, send)
                 break
         seen = 0
 
@@ -40,4 +41,4 @@ class BodySizeLimit:
                     raise _too_large(limit)  # turned into a 413 by the app's APIError handler
             return msg
 
-        return await self.app(scope, limited_receive, send)
+        return self.app(scope, limited_receive, send)

@@ -10,7 +10,7 @@ it is raised (the key check, the body limit, the pipeline), leaves as Anthropic'
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import orjson
@@ -92,9 +92,13 @@ class AnthropicErrors:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Every other path is handed straight on (the next layer's awaitable, no coroutine here).
         if scope["type"] != "http" or not scope["path"].startswith(PATH):
-            return await self.app(scope, receive, send)
+            return self.app(scope, receive, send)
+        return self._shaped(scope, receive, send)
+
+    async def _shaped(self, scope: Scope, receive: Receive, send: Send) -> None:
         start: Message | None = None
         chunks: list[bytes] = []
 

@@ -115,7 +115,9 @@ class RequestIdMiddleware:
 
     @staticmethod
     def _sender(send: Any, scope: dict[str, Any], rid: bytes, seen: dict[bytes, Any] | None, recent: Any) -> Any:
-        async def send_with_id(message: dict[str, Any]) -> None:
+        # A plain function handing back `send`'s awaitable, not a coroutine of its own: a streamed
+        # response's every body message goes through here, and once the start is out nothing is added.
+        def send_with_id(message: dict[str, Any]) -> Any:
             if message["type"] == "http.response.start":
                 if recent is not None and (message["status"] in (200, 202) or message["status"] >= 500):
                     state = scope.get("state") or {}
@@ -133,7 +135,7 @@ class RequestIdMiddleware:
                     message["headers"] = [*out, (_NAME, rid)]
                 if seen is not None:
                     seen[b"status"] = message["status"]
-            await send(message)
+            return send(message)
 
         return send_with_id
 
