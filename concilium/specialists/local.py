@@ -9,10 +9,12 @@ Policy `options` (all optional):
   device       auto (cuda when available) | cpu | cuda | cuda:N
   dtype        auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16
   weights      auto (int4 on CPU for GGUF Q4_0/Q4_1/Q8_0 files, as stored) | dense | int4
+  backend      torch (this package's runtime) | llama.cpp (a GGUF file on CPU, run by llama.cpp under
+               the same engine; needs llama-cpp-python, see docs/local-runtime.md)
   max_batch    sequences decoded together (default 4)
   max_seq_len  context per sequence (default min(context_window, 2048)); the KV cache is preallocated
                for it, and routing plans treat it as the model's context window when it is smaller
-  threads      CPU threads for torch
+  threads      CPU threads (torch's, or llama.cpp's with that backend)
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ class LocalProvider(Provider):
                 max_batch=max_batch,
                 max_seq_len=max_seq_len,
                 weights=str(self._option("weights", "auto")),
+                backend=str(self._option("backend", "torch")),
+                threads=int(threads) if threads else None,
             )
             engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
             engine.start()

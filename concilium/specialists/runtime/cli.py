@@ -31,7 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="int4: 4-bit weight-only projections on CPU (GGUF Q4_0/Q4_1/Q8_0 blocks kept as stored)",
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+        "--backend",
+        choices=["torch", "llama.cpp"],
+        default="torch",
+        help="llama.cpp: run a GGUF file's forward pass with llama.cpp on CPU (needs llama-cpp-python)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch or llama.cpp (default: the usable cores)"
     )
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     p.add_argument("--default-max-tokens", type=int, default=512)
@@ -65,6 +71,8 @@ def _serve(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             max_seq_len=args.max_seq_len,
             weights=args.weights,
+            backend=args.backend,
+            threads=args.threads,
         )
     except (LoadError, InsufficientMemoryError, ValueError) as e:
         log.error("%s", e)
@@ -74,7 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
         loaded.model,
         loaded.tokenizer,
         max_batch=args.max_batch,
-        max_seq_len=args.max_seq_len or loaded.model.cos.shape[0],
+        max_seq_len=args.max_seq_len or loaded.model.max_positions,
         cuda_graphs=False if args.no_cuda_graphs else None,
     )
     name = args.served_model_name or (path.stem if path.is_file() else path.name)

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from concilium.specialists.runtime.detokenizer import IncrementalDecoder
-from concilium.specialists.runtime.kv_cache import KVCache
 from concilium.specialists.runtime.model import ForwardBatch, Model
 from concilium.specialists.runtime.sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from concilium.specialists.runtime.tokenizer import Tokenizer
@@ -118,24 +117,16 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.max_seq_len = max_seq_len or min(model.cfg.max_position_embeddings, model.cos.shape[0])
-        if self.max_seq_len > model.cos.shape[0]:
+        self.max_seq_len = max_seq_len or min(model.cfg.max_position_embeddings, model.max_positions)
+        if self.max_seq_len > model.max_positions:
             raise ValueError(
-                f"max_seq_len {self.max_seq_len} exceeds the model's RoPE table ({model.cos.shape[0]})"
+                f"max_seq_len {self.max_seq_len} exceeds the model's RoPE table ({model.max_positions})"
             )
         self.max_prefill_tokens = max_prefill_tokens
         cfg = model.cfg
         graphs = self._want_graphs(cuda_graphs)
         # With CUDA graphs, one extra slot takes the padding rows of a captured batch.
-        self.cache = KVCache(
-            cfg.num_layers,
-            max_batch + (1 if graphs else 0),
-            cfg.num_kv_heads,
-            self.max_seq_len,
-            cfg.head_dim,
-            model.dtype,
-            model.device,
-        )
+        self.cache = model.new_cache(max_batch + (1 if graphs else 0), self.max_seq_len)
         if graphs:
             self.cache.reserve(max_batch)  # the padding rows of captured batches write here
         self.graph_runner = None

@@ -133,6 +133,27 @@ class GGUFSource:
             blocks = blocks.permute_rows(torch.from_numpy(np.ascontiguousarray(order)))
         return blocks
 
+    def get_expert_blocks(self, name: str) -> list[BlockWeight] | None:
+        """Each expert's stored blocks of `layers.i.w13` (gate rows then up rows) or `layers.i.w2`;
+        None when they are not Q4_0/Q4_1/Q8_0."""
+        layer, which = name.rsplit(".", 1)
+        parts = ["down"] if which == "w2" else ["gate", "up"]
+        if self.has(layer + ".down_exps"):  # stacked [E, N, K]
+            per_part = []
+            for part in parts:
+                t = self.tensors[self._gguf_name(f"{layer}.{part}_exps")]
+                e, n, k = (int(d) for d in reversed(t.shape))
+                b = from_gguf_blocks(t.data, t.tensor_type.name, (e * n, k))
+                if b is None:
+                    return None
+                per_part.append([b.rows(i * n, (i + 1) * n) for i in range(e)])
+        else:  # one tensor per expert
+            per_part = [[self.get_blocks(f"{layer}.experts.{i}.{part}") for i in range(self.cfg.num_experts)]
+                        for part in parts]
+            if any(b is None for bs in per_part for b in bs):
+                return None
+        return [BlockWeight.concat(list(bs)) for bs in zip(*per_part, strict=True)]
+
     def _experts(self, name: str) -> np.ndarray:
         layer, which = name.rsplit(".", 1)
         if self.has(layer + ".down_exps"):  # stacked [E, I, H] / [E, H, I]

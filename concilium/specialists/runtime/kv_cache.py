@@ -16,43 +16,17 @@ class CacheFullError(RuntimeError):
     """No free slot (the batch is full)."""
 
 
-class KVCache:
-    def __init__(
-        self,
-        num_layers: int,
-        max_slots: int,
-        num_kv_heads: int,
-        max_seq_len: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> None:
+class Slots:
+    """The slot allocator: which cache slots are free and how many tokens each one holds."""
+
+    def __init__(self, max_slots: int, max_seq_len: int) -> None:
         if max_slots <= 0 or max_seq_len <= 0:
             raise ValueError("max_slots and max_seq_len must be positive")
-        shape = (num_layers, max_slots, num_kv_heads, max_seq_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len
         self._free: list[int] = list(range(max_slots))
         heapq.heapify(self._free)
         self.lengths = [0] * max_slots  # tokens held per slot (host-side bookkeeping)
-
-    @staticmethod
-    def bytes_needed(
-        num_layers: int,
-        max_slots: int,
-        num_kv_heads: int,
-        max_seq_len: int,
-        head_dim: int,
-        dtype: torch.dtype,
-    ) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * max_slots * num_kv_heads * max_seq_len * head_dim * elem
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
 
     @property
     def free_slots(self) -> int:
@@ -87,6 +61,41 @@ class KVCache:
             "tokens_capacity": capacity,
             "fraction_used": used_tokens / capacity,
         }
+
+
+class KVCache(Slots):
+    """Slots with their keys and values in preallocated tensors (the torch runtime's cache)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        max_slots: int,
+        num_kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        super().__init__(max_slots, max_seq_len)
+        shape = (num_layers, max_slots, num_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_needed(
+        num_layers: int,
+        max_slots: int,
+        num_kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+    ) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * max_slots * num_kv_heads * max_seq_len * head_dim * elem
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]

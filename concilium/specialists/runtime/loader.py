@@ -26,7 +26,13 @@ from concilium.specialists.runtime.model import (
     MoEWeights,
     Weight,
 )
-from concilium.specialists.runtime.quant import BlockWeight, Int4Linear, int4_supported, quantize_rtn
+from concilium.specialists.runtime.quant import (
+    BlockWeight,
+    Int4Experts,
+    Int4Linear,
+    int4_supported,
+    quantize_rtn,
+)
 
 if TYPE_CHECKING:
     from concilium.specialists.runtime.memory import MemoryPlan
@@ -189,8 +195,9 @@ def build_weights(
     device: torch.device | str,
     weights: str = "dense",
 ) -> ModelWeights:
-    """`weights="int4"` (CPU only) keeps the attention, dense-MLP and output projections as 4-bit
-    planes (GGUF Q4_0/Q4_1/Q8_0 blocks as stored, anything else quantised per group of 32)."""
+    """`weights="int4"` (CPU only) keeps the attention, MLP (dense or every expert's) and output
+    projections as 4-bit planes (GGUF Q4_0/Q4_1/Q8_0 blocks as stored, anything else quantised per
+    group of 32)."""
     if weights not in ("dense", "int4"):
         raise ValueError(f"unknown weights mode {weights!r} (dense, int4)")
     if weights == "int4" and (torch.device(device).type != "cpu" or not int4_supported()):
@@ -217,6 +224,17 @@ def build_weights(
         parts = [get(n, s) for n, s in zip(names, shapes, strict=True)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def experts(name: str, shape: tuple[int, int, int]) -> torch.Tensor | Int4Experts:
+        if weights != "int4" or not Int4Linear.supports(shape[1:]):
+            return get(name, shape)
+        blocks = src.get_expert_blocks(name) if hasattr(src, "get_expert_blocks") else None
+        if blocks is None:
+            dense = _check(name, src.get(name), shape)
+            blocks = [quantize_rtn(dense[e]) for e in range(shape[0])]
+        elif (len(blocks),) + blocks[0].shape != shape:
+            raise LoadError(f"tensor {name} has {len(blocks)} experts of {blocks[0].shape}, expected {shape}")
+        return Int4Experts(blocks)
+
     embed = get("embed", (V, H))
     if cfg.tie_word_embeddings or not src.has("lm_head"):
         lm_head: Weight = linear(["embed"], [(V, H)]) if weights == "int4" else embed
@@ -240,8 +258,8 @@ def build_weights(
             E, Im = cfg.num_experts, cfg.moe_intermediate_size
             mlp = MoEWeights(
                 router=get(f"{p}.router", (E, H)),
-                w13=get(f"{p}.w13", (E, 2 * Im, H)),
-                w2=get(f"{p}.w2", (E, H, Im)),
+                w13=experts(f"{p}.w13", (E, 2 * Im, H)),
+                w2=experts(f"{p}.w2", (E, H, Im)),
             )
         else:
             Id = cfg.intermediate_size
@@ -361,7 +379,7 @@ def read_config(path: str | Path) -> ModelConfig:
 
 @dataclass
 class LoadedModel:
-    model: Model
+    model: Model  # or a LlamaCppModel, which has the same interface
     tokenizer: Tokenizer | None
     plan: MemoryPlan
     path: Path
@@ -379,11 +397,16 @@ def load_model(
     tokenizer: bool = True,
     available_bytes: int | None = None,
     weights: str = "dense",
+    backend: str = "torch",
+    threads: int | None = None,
 ) -> LoadedModel:
     """Check that the model fits, then load weights (and the tokenizer) from a directory or GGUF file.
 
     `weights`: "dense" (every weight in `dtype`), "int4" (CPU: 4-bit projections, see `quant`), or
-    "auto" (int4 on CPU for GGUF files whose matrices are Q4_0/Q4_1/Q8_0 blocks, dense otherwise)."""
+    "auto" (int4 on CPU for GGUF files whose matrices are Q4_0/Q4_1/Q8_0 blocks, dense otherwise).
+    `backend`: "torch" (this package's model) or "llama.cpp" (a GGUF file on CPU, see `llamacpp`;
+    `weights` and `dtype` do not apply). `threads`: llama.cpp's CPU threads (torch's are set by the
+    caller)."""
     from concilium.specialists.runtime.gguf_loader import GGUFSource
     from concilium.specialists.runtime.memory import check_fits, plan_memory
     from concilium.specialists.runtime.model import Model, select_ops
@@ -404,6 +427,12 @@ def load_model(
         cfg = read_config(p)
         src = SafetensorsSource(p, cfg)
         lossless_int4 = False
+    if backend not in ("torch", "llama.cpp"):
+        raise ValueError(f"unknown backend {backend!r} (torch, llama.cpp)")
+    if backend == "llama.cpp":
+        if dev.type != "cpu" or p.suffix != ".gguf":
+            raise LoadError("backend llama.cpp serves GGUF files on CPU")
+        return _load_llamacpp(p, cfg, max_batch, max_seq_len, threads, tokenizer, available_bytes, t0)
     if weights == "auto":  # int4 on CPU when the file's blocks map onto it as stored
         weights = "int4" if dev.type == "cpu" and lossless_int4 and int4_supported() else "dense"
     seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
@@ -413,3 +442,31 @@ def load_model(
     model = Model(cfg, built, max_positions=seq_len, ops=select_ops(dev, ops_backend))
     tok = Tokenizer.from_checkpoint(p, cfg.eos_token_ids) if tokenizer else None
     return LoadedModel(model, tok, plan, p, time.perf_counter() - t0)
+
+
+def _load_llamacpp(
+    path: Path,
+    cfg: ModelConfig,
+    max_batch: int,
+    max_seq_len: int | None,
+    threads: int | None,
+    tokenizer: bool,
+    available: int | None,
+    t0: float,
+) -> LoadedModel:
+    import dataclasses
+
+    from concilium.specialists.runtime.llamacpp import LlamaCppModel
+    from concilium.specialists.runtime.memory import check_fits, plan_memory
+    from concilium.specialists.runtime.tokenizer import Tokenizer
+
+    seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
+    # llama.cpp maps the file as it is and keeps an f16 cache for every slot.
+    plan = dataclasses.replace(
+        plan_memory(cfg, torch.float16, max_batch, seq_len, cache_slots=max_batch),
+        dtype="gguf", weight_bytes=path.stat().st_size,
+    )
+    check_fits(plan, "cpu", available)
+    model = LlamaCppModel(path, cfg, max_batch=max_batch, max_seq_len=seq_len, threads=threads)
+    tok = Tokenizer.from_checkpoint(path, cfg.eos_token_ids) if tokenizer else None
+    return LoadedModel(model, tok, plan, path, time.perf_counter() - t0)

@@ -109,7 +109,7 @@ def plan_memory(
     cache_slots: int | None = None,
     weights: str = "dense",
 ) -> MemoryPlan:
-    """`weights="int4"`: attention, dense-MLP and output projections at 4 bits plus a bf16 scale and
+    """`weights="int4"`: attention, MLP (experts too) and output projections at 4 bits plus a bf16 scale and
     offset per 32 weights (up to two planes for 8-bit GGUF blocks: counted as one, the common case)."""
     if max_batch < 1 or max_seq_len < 2:
         raise ValueError("max_batch must be >= 1 and max_seq_len >= 2")
@@ -117,12 +117,13 @@ def plan_memory(
     elem = torch.empty((), dtype=dtype).element_size()
     weight_bytes = params.total * elem
     if weights == "int4":
-        dense_mlp = sum(
-            3 * cfg.hidden_size * cfg.intermediate_size
+        mlp = sum(
+            3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.num_experts
+            if cfg.layer_is_moe(i)
+            else 3 * cfg.hidden_size * cfg.intermediate_size
             for i in range(cfg.num_layers)
-            if not cfg.layer_is_moe(i)
         )
-        projections = params.attention + dense_mlp + cfg.vocab_size * cfg.hidden_size  # + the output head
+        projections = params.attention + mlp + cfg.vocab_size * cfg.hidden_size  # + the output head
         weight_bytes += int(projections * 0.625) - projections * elem
         if cfg.tie_word_embeddings:  # the embedding table stays dense for lookups, the output head is int4
             weight_bytes += cfg.vocab_size * cfg.hidden_size * elem

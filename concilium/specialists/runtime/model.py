@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from concilium.specialists.runtime import torch_ops
 from concilium.specialists.runtime.config import ModelConfig
 from concilium.specialists.runtime.kv_cache import KVCache
-from concilium.specialists.runtime.quant import Int4Linear
+from concilium.specialists.runtime.quant import Int4Experts, Int4Linear
 
 # A projection weight: a dense [out, in] tensor, or 4-bit planes on CPU (`weights="int4"`).
-Weight = torch.Tensor | Int4Linear
+Weight = torch.Tensor | Int4Linear | Int4Experts
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,8 +137,8 @@ class DenseMLPWeights:
 @dataclass
 class MoEWeights:
     router: torch.Tensor  # [E, H]
-    w13: torch.Tensor  # [E, 2 I, H]
-    w2: torch.Tensor  # [E, H, I]
+    w13: torch.Tensor | Int4Experts  # [E, 2 I, H]
+    w2: torch.Tensor | Int4Experts  # [E, H, I]
 
 
 @dataclass
@@ -277,6 +277,15 @@ class Model:
         self.expert_tokens = torch.zeros((cfg.num_layers, n_exp), dtype=torch.int64, device=self.device)
         # When a list, each MoE layer appends (layer index, expert ids [N, k]) during forward.
         self.routing_trace: list[tuple[int, torch.Tensor]] | None = None
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the RoPE tables cover."""
+        return self.cos.shape[0]
+
+    def new_cache(self, max_slots: int, max_seq_len: int) -> KVCache:
+        c = self.cfg
+        return KVCache(c.num_layers, max_slots, c.num_kv_heads, max_seq_len, c.head_dim, self.dtype, self.device)
 
     # -- pieces -----------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 Decoding one token is bound by reading the weights, so on CPU the fastest thing is to read fewer
 bytes: weights stay as 4-bit values with one scale and one offset per group of 32 inputs and are
 multiplied by torch's int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations). Everything
-else (norms, RoPE, attention, the KV cache) stays in float32.
+else (norms, RoPE, attention, the KV cache) stays in float32. Mixture-of-experts layers keep each
+expert's projections the same way (`Int4Experts`), multiplied only for the tokens routed to it.
 
 GGUF blocks map onto this format without re-quantising: Q4_0 and Q4_1 are one 4-bit plane each,
 and Q8_0 is split exactly into two 4-bit planes (high and low nibble). Only the group scales are
@@ -52,6 +53,9 @@ class BlockWeight:
 
     def dequantize(self) -> torch.Tensor:
         return sum((p.dequantize() for p in self.planes[1:]), self.planes[0].dequantize())
+
+    def rows(self, start: int, stop: int) -> BlockWeight:
+        return BlockWeight([Plane(p.q[start:stop], p.scale[start:stop], p.zero[start:stop]) for p in self.planes])
 
     def permute_rows(self, index: torch.Tensor) -> BlockWeight:
         return BlockWeight([Plane(p.q[index], p.scale[index], p.zero[index]) for p in self.planes])
@@ -150,3 +154,23 @@ class Int4Linear:
         for packed, sz in self._planes[1:]:  # the high plane of 8-bit blocks
             y += mm(xb, packed, GROUP, sz)
         return y
+
+
+class Int4Experts:
+    """A mixture-of-experts projection [E, N, K] as one `Int4Linear` per expert; `fused_moe_torch`
+    indexes it like the stacked tensor and calls each expert's planes on the rows routed to it."""
+
+    def __init__(self, experts: list[BlockWeight]) -> None:
+        self._experts = [Int4Linear(b) for b in experts]
+        first = self._experts[0]
+        self.shape = torch.Size((len(self._experts), first.out_features, first.in_features))
+
+    def dim(self) -> int:
+        return 3
+
+    def __getitem__(self, e: int) -> Int4Linear:
+        return self._experts[e]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self._experts)

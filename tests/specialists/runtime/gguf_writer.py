@@ -23,8 +23,14 @@ def _quantised(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndar
     return raw, gguf.quants.dequantize(raw, qtype).reshape(w.shape)
 
 
-def write(hf: torch.nn.Module, path: Path, quant: dict[str, gguf.GGMLQuantizationType] | None = None) -> None:
-    """`quant`: tensor-name suffix (e.g. "attn_q.weight") -> block type; others are stored F32."""
+def write(
+    hf: torch.nn.Module,
+    path: Path,
+    quant: dict[str, gguf.GGMLQuantizationType] | None = None,
+    vocab: bool = False,
+) -> None:
+    """`quant`: tensor-name suffix (e.g. "attn_q.weight") -> block type; others are stored F32.
+    `vocab`: also store a placeholder SentencePiece vocabulary (llama.cpp will not load a file without one)."""
     cfg = hf.config
     arch = {"llama": "llama", "qwen3": "qwen3", "qwen3_moe": "qwen3moe"}[cfg.model_type]
     quant = quant or {}
@@ -39,6 +45,11 @@ def write(hf: torch.nn.Module, path: Path, quant: dict[str, gguf.GGMLQuantizatio
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
+    if vocab:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, cfg.vocab_size)])
+        w.add_token_scores([0.0] * cfg.vocab_size)
+        w.add_token_types([2, 3, 3] + [1] * (cfg.vocab_size - 3))  # unknown, control, control, normal
     if arch == "qwen3moe":
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
@@ -79,11 +90,21 @@ def write(hf: torch.nn.Module, path: Path, quant: dict[str, gguf.GGMLQuantizatio
             put(b + "attn_k_norm.weight", p + "self_attn.k_norm.weight")
         if arch == "qwen3moe":
             put(b + "ffn_gate_inp.weight", p + "mlp.gate.weight")
-            gate_up = state[p + "mlp.experts.gate_up_proj"]  # [E, 2I, H]
+            gate_up = state[p + "mlp.experts.gate_up_proj"].copy()  # [E, 2I, H]
+            down = state[p + "mlp.experts.down_proj"].copy()
             inter = gate_up.shape[1] // 2
-            w.add_tensor(b + "ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :inter]))
-            w.add_tensor(b + "ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, inter:]))
-            w.add_tensor(b + "ffn_down_exps.weight", np.ascontiguousarray(state[p + "mlp.experts.down_proj"]))
+            for name, part in (("ffn_gate_exps", gate_up[:, :inter]), ("ffn_up_exps", gate_up[:, inter:]),
+                               ("ffn_down_exps", down)):
+                qtype = quant.get(name + ".weight")
+                if qtype is None:
+                    w.add_tensor(b + name + ".weight", np.ascontiguousarray(part))
+                    continue
+                raw, deq = _quantised(np.ascontiguousarray(part), qtype)
+                part[...] = deq  # a view into gate_up / down: the reference gets the dequantised values
+                w.add_tensor(b + name + ".weight", raw, raw_dtype=qtype)
+            with torch.no_grad():
+                params[p + "mlp.experts.gate_up_proj"].copy_(torch.from_numpy(gate_up))
+                params[p + "mlp.experts.down_proj"].copy_(torch.from_numpy(down))
         else:
             put(b + "ffn_gate.weight", p + "mlp.gate_proj.weight")
             put(b + "ffn_up.weight", p + "mlp.up_proj.weight")
