@@ -272,15 +272,15 @@ class OpenAICompatProvider(Provider):
 
     def stream(self, body: dict[str, Any], *, timeout: float) -> SSEEvents:
         events = SSEEvents()
-        events.start(self._events(body, timeout, events))
+        # One upstream: its events directly (a balancing layer would be one more generator per event).
+        if self.balancer is None:
+            events.start(self._events_at(body, timeout, events, None))
+        else:
+            events.start(self._balanced_events(self.balancer, body, timeout, events))
         return events
 
-    async def _events(self, body: dict[str, Any], timeout: float, st: SSEEvents) -> AsyncIterator[bytes]:
-        b = self.balancer
-        if b is None:
-            async for ev in self._events_at(body, timeout, st, None):
-                yield ev
-            return
+    async def _balanced_events(self, b: Balancer, body: dict[str, Any], timeout: float,
+                               st: SSEEvents) -> AsyncIterator[bytes]:
         tried: set[Replica] = set()
         errors: list[str] = []
         last: ProviderError | None = None
