@@ -1,15 +1,12 @@
-"""llama.cpp as the runtime's CPU backend for GGUF files (`backend: llama.cpp`, the default on CPU
-when `llama-cpp-python` is installed).
+"""llama.cpp as a CPU backend for GGUF files (`options: {backend: llama.cpp}`, `serve-model
+--backend llama.cpp`; needs `llama-cpp-python`).
 
-On CPU the torch runtime cannot match llama.cpp: measured on the shipped SmolLM2-135M Q4_1 file
-(`benchmarks/local_runtime.py`, docs/local-runtime.md), llama.cpp decodes about three times faster
-at one thread, because its matmuls read the 4-bit blocks with int8 dot products and a decode step
-is one C call instead of hundreds of torch ops. So on CPU the engine keeps everything that is ours
-(scheduling and continuous batching, sampling, JSON mode, stop strings, log-probs, streaming, the
-OpenAI adapter) and llama.cpp only runs the forward pass: `LlamaCppModel` is a drop-in for
-`Model` whose `forward(batch)` hands the batch's tokens to `llama_decode`, one llama.cpp sequence
-per cache slot, and returns the logits rows the engine asked for. The torch runtime stays for CUDA
-(Triton kernels, CUDA graphs), for checkpoints that are not GGUF, and for `backend: torch`.
+The engine keeps everything that is ours (scheduling and continuous batching, sampling, JSON mode,
+stop strings, log-probs, streaming, the OpenAI adapter) and llama.cpp only runs the forward pass:
+`LlamaCppModel` is a drop-in for `Model` whose `forward(batch)` hands the batch's tokens to
+`llama_decode`, one llama.cpp sequence per cache slot, and returns the logits rows the engine asked
+for. It decodes one sequence faster than the torch runtime on CPU, but its 8-bit activation rounding
+changes a small model's answers, so it is not the default: docs/local-runtime.md has the numbers.
 """
 
 from __future__ import annotations
