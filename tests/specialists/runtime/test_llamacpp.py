@@ -21,9 +21,9 @@ from concilium.specialists.runtime.sampling import SamplingParams
 from tests.specialists.runtime import gguf_writer, tiny
 from tests.support import ROOT, free_port, http_json, wait_until
 
-# llama-cpp-python is a dev dependency (built from source by `make install-dev`); without it the
-# backend refuses to load, which test_without_llama_cpp_the_error_says_how_to_install checks.
-needs_llama_cpp = pytest.mark.skipif(not llamacpp.available(), reason="llama-cpp-python is not installed")
+# llama-cpp-python is a dev dependency (built from source by `make install-dev`), so these tests run
+# wherever `make test` does; without it the backend refuses to load, which
+# test_without_llama_cpp_the_error_says_how_to_install checks.
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "What is 2 + 2?"]
 
@@ -38,14 +38,11 @@ def tiny_gguf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smollm2_llamacpp(smollm2_path):
-    if not llamacpp.available():
-        pytest.skip("llama-cpp-python is not installed")
     loaded = load_model(smollm2_path, backend="llama.cpp", max_batch=4, max_seq_len=256, threads=1)
     engine = Engine(loaded.model, loaded.tokenizer, max_batch=4, max_seq_len=256)
     return engine
 
 
-@needs_llama_cpp
 def test_logits_match_the_torch_runtime_on_the_same_weights(tiny_gguf):
     ref = load_model(tiny_gguf, weights="dense", backend="torch", tokenizer=False, max_batch=2, max_seq_len=64).model
     lc = load_model(tiny_gguf, backend="llama.cpp", tokenizer=False, max_batch=2, max_seq_len=64, threads=1).model
@@ -72,7 +69,6 @@ def test_logits_match_the_torch_runtime_on_the_same_weights(tiny_gguf):
         assert (got - want).abs().max() < 2e-3 * want.abs().max()
 
 
-@needs_llama_cpp
 def test_sequences_batched_together_answer_as_they_do_alone(smollm2_llamacpp, smollm2_path):
     engine = smollm2_llamacpp
     tok = engine.tokenizer
@@ -88,7 +84,6 @@ def test_sequences_batched_together_answer_as_they_do_alone(smollm2_llamacpp, sm
     assert "4" in tok.decode(together[2])
 
 
-@needs_llama_cpp
 def test_logprobs_come_from_llama_cpps_logits(smollm2_llamacpp):
     engine = smollm2_llamacpp
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": QUESTIONS[1]}])
@@ -118,7 +113,6 @@ def test_without_llama_cpp_the_error_says_how_to_install(tiny_gguf, monkeypatch)
         load_model(tiny_gguf, backend="llama.cpp", tokenizer=False, max_seq_len=32)
 
 
-@needs_llama_cpp
 def test_serve_model_with_the_llama_cpp_backend(tmp_path):
     port = free_port()
     log = tmp_path / "server.log"
