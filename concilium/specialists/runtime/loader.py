@@ -220,7 +220,7 @@ def build_weights(
                 elif b.shape != shape:
                     raise LoadError(f"tensor {name} has shape {b.shape}, expected {shape}")
                 blocks.append(b)
-            return Int4Linear(BlockWeight.concat(blocks))
+            return Int4Linear(BlockWeight.concat(blocks), rows16=True)
         parts = [get(n, s) for n, s in zip(names, shapes, strict=True)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -110,21 +110,20 @@ def plan_memory(
     weights: str = "dense",
 ) -> MemoryPlan:
     """`weights="int4"`: attention, MLP (experts too) and output projections at 4 bits plus a bf16 scale and
-    offset per 32 weights (up to two planes for 8-bit GGUF blocks: counted as one, the common case)."""
+    offset per 32 weights (up to two planes for 8-bit GGUF blocks: counted as one, the common case);
+    dense projections twice (`quant.Int4Linear.rows16`)."""
     if max_batch < 1 or max_seq_len < 2:
         raise ValueError("max_batch must be >= 1 and max_seq_len >= 2")
     params = count_params(cfg)
     elem = torch.empty((), dtype=dtype).element_size()
     weight_bytes = params.total * elem
     if weights == "int4":
-        mlp = sum(
-            3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.num_experts
-            if cfg.layer_is_moe(i)
-            else 3 * cfg.hidden_size * cfg.intermediate_size
-            for i in range(cfg.num_layers)
-        )
-        projections = params.attention + mlp + cfg.vocab_size * cfg.hidden_size  # + the output head
-        weight_bytes += int(projections * 0.625) - projections * elem
+        experts = sum(3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.num_experts for i in range(cfg.num_layers)
+                      if cfg.layer_is_moe(i))
+        dense = sum(3 * cfg.hidden_size * cfg.intermediate_size for i in range(cfg.num_layers)
+                    if not cfg.layer_is_moe(i)) + params.attention + cfg.vocab_size * cfg.hidden_size  # + output head
+        # Dense projections are held twice: for torch's int4 kernel and for the fused decode step.
+        weight_bytes += int((experts + 2 * dense) * 0.625) - (experts + dense) * elem
         if cfg.tie_word_embeddings:  # the embedding table stays dense for lookups, the output head is int4
             weight_bytes += cfg.vocab_size * cfg.hidden_size * elem
     # Activations: a prefill chunk's logits row and MLP intermediate, plus the RoPE tables; small next

@@ -197,6 +197,7 @@ class ForwardBatch:
     max_len: int | None = None  # host-side bound on seq_lens (None: unknown, e.g. inside a CUDA graph)
     slot_range: tuple[int, int] | None = None
     uniform: bool = False
+    host: tuple[list[int], list[int], list[int]] | None = None  # decode: (tokens, positions, slots)
 
     @staticmethod
     def for_prefill(seqs: list[tuple[list[int], int]], device: torch.device) -> ForwardBatch:
@@ -244,6 +245,7 @@ class ForwardBatch:
             max_len=max(positions) + 1,
             slot_range=(slots[0], n) if consecutive else None,
             uniform=min(positions) == max(positions),
+            host=(tokens, positions, slots),
         )
 
 
@@ -260,7 +262,11 @@ class Model:
         *,
         max_positions: int,
         ops: Ops | None = None,
+        fused_decode: bool = True,
     ) -> None:
+        """`fused_decode`: on CPU with int4 weights, run decode steps of one sequence as one C call
+        (`cpu_decode`) where the machine supports it."""
+        from concilium.specialists.runtime.cpu_decode import FusedDecode
         from concilium.specialists.runtime.rope import rope_tables
 
         self.cfg = cfg
@@ -277,6 +283,7 @@ class Model:
         self.expert_tokens = torch.zeros((cfg.num_layers, n_exp), dtype=torch.int64, device=self.device)
         # When a list, each MoE layer appends (layer index, expert ids [N, k]) during forward.
         self.routing_trace: list[tuple[int, torch.Tensor]] | None = None
+        self.fused = FusedDecode.create(self) if fused_decode else None
 
     @property
     def max_positions(self) -> int:
@@ -375,6 +382,9 @@ class Model:
 
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """fp32 logits [rows, vocab] for the rows in `batch.logits_index` (all rows when None)."""
+        if self.fused is not None and batch.host is not None and len(batch.host[0]) == 1:
+            (token,), (position,), (slot,) = batch.host
+            return self.fused(token, position, slot, cache)
         return linear(self.hidden_states(batch, cache), self.w.lm_head).float()
 
     __call__ = forward
@@ -390,4 +400,5 @@ class Model:
             "dtype": str(self.dtype),
             "device": str(self.device),
             "ops": self.ops.name,
+            "decode_b1": "fused C step" if self.fused is not None else "torch",
         }

@@ -127,11 +127,33 @@ def _plane(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, n: int, k: int) -
     )
 
 
-class Int4Linear:
-    """y = x @ W^T with W held as packed 4-bit planes; x of any float dtype, y in x's dtype."""
+ROWS16 = 16
 
-    def __init__(self, weight: BlockWeight) -> None:
+
+def pack_rows16(weight: BlockWeight) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each plane as (nibbles, bf16 scales then zeros) in blocks of 16 output rows, the layout of
+    the fused CPU decode step (`cpu_decode.c`); None when the shape does not fit it."""
+    n, k = weight.shape
+    if n % ROWS16 or k % GROUP or len(weight.planes) > 2:
+        return None
+    out = []
+    for p in weight.planes:
+        q = p.q.numpy().reshape(n // ROWS16, ROWS16, k // GROUP, 8, 4)  # block, row, group, chunk, input
+        byte = (q[..., 2:4] << 4) | q[..., 0:2]  # [block, row, group, chunk, t]: inputs 4c+t and 4c+2+t
+        nib = np.ascontiguousarray(byte.transpose(0, 2, 3, 1, 4)).reshape(-1)
+        sz = torch.stack([p.scale, p.zero]).to(torch.bfloat16).view(torch.int16)  # [2, n, k/32]
+        sz = sz.view(2, n // ROWS16, ROWS16, k // GROUP).permute(1, 3, 0, 2).contiguous().view(-1)
+        out.append((torch.from_numpy(nib), sz))
+    return out
+
+
+class Int4Linear:
+    """y = x @ W^T with W held as packed 4-bit planes; x of any float dtype, y in x's dtype.
+    `rows16`: also keep the planes in the fused decode step's layout (`pack_rows16`)."""
+
+    def __init__(self, weight: BlockWeight, *, rows16: bool = False) -> None:
         self.out_features, self.in_features = weight.shape
+        self.rows16 = pack_rows16(weight) if rows16 else None
         self._planes = []
         for p in weight.planes:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(p.q.to(torch.int32), 2)
@@ -144,7 +166,8 @@ class Int4Linear:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in self._planes)
+        packs = self._planes + (self.rows16 or [])
+        return sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in packs)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xb = x.to(torch.bfloat16)

@@ -71,7 +71,10 @@ def test_int4_weights_keep_the_gguf_blocks_and_answer(smollm2_path):
     loaded = load_model(smollm2_path, weights="auto", max_batch=2, max_seq_len=128)  # auto -> int4 on CPU
     model = loaded.model
     assert isinstance(model.w.lm_head, Int4Linear) and isinstance(model.w.layers[0].mlp.w13, Int4Linear)
-    assert model.w.nbytes() < 0.5 * 135e6 * 4  # well under the fp32 size
+    # Well under the fp32 size: 4-bit planes, held twice (for torch's int4 kernel and for the fused
+    # decode step, `quant.Int4Linear.rows16`), plus the fp32 embedding table for lookups.
+    assert model.w.nbytes() < 0.6 * 135e6 * 4
+    assert model.w.lm_head.rows16 is not None
     assert abs(loaded.plan.weight_bytes - model.w.nbytes()) < 0.15 * model.w.nbytes()  # planned before loading
     engine = Engine(model, loaded.tokenizer, max_batch=2, max_seq_len=128)
     ids = loaded.tokenizer.encode_chat(_messages(PROMPTS[0]))
