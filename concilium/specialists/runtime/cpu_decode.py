@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from concilium.specialists.runtime.config import ModelConfig
     from concilium.specialists.runtime.kv_cache import KVCache
     from concilium.specialists.runtime.model import Model
 
@@ -75,6 +76,15 @@ def library(portable: bool = False) -> ctypes.CDLL | None:
     lib.step.restype = None
     lib.step.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     return lib
+
+
+def covers(cfg: ModelConfig, dtype: torch.dtype) -> bool:
+    """Would a model of this shape decode with the fused step on this machine? The loader asks
+    before it packs the weights a second time (`Int4Linear.rows16`), so nothing is packed for
+    models (or machines) that keep the torch path."""
+    dense = cfg.num_experts == 0 and not cfg.qk_norm and cfg.num_heads % cfg.num_kv_heads == 0
+    lib = library() if dense and dtype == torch.float32 else None
+    return lib is not None and bool(lib.fast_path())
 
 
 class _Gemv(ctypes.Structure):

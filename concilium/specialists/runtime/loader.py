@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from concilium.specialists.runtime import cpu_decode
 from concilium.specialists.runtime.config import ModelConfig
 from concilium.specialists.runtime.model import (
     AttentionWeights,
@@ -204,6 +205,8 @@ def build_weights(
         raise ValueError("int4 weights are a CPU mode and need torch's int4 CPU kernels")
     H, D, V = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
     q_out, kv_out = cfg.num_heads * D, cfg.num_kv_heads * D
+    # The fused CPU decode step's copy of the projections, only where that step will run.
+    rows16 = weights == "int4" and cpu_decode.covers(cfg, dtype)
 
     def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         return _check(name, src.get(name), shape).to(device=device, dtype=dtype).contiguous()
@@ -220,7 +223,7 @@ def build_weights(
                 elif b.shape != shape:
                     raise LoadError(f"tensor {name} has shape {b.shape}, expected {shape}")
                 blocks.append(b)
-            return Int4Linear(BlockWeight.concat(blocks), rows16=True)
+            return Int4Linear(BlockWeight.concat(blocks), rows16=rows16)
         parts = [get(n, s) for n, s in zip(names, shapes, strict=True)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from concilium.specialists.runtime import cpu_decode
 from concilium.specialists.runtime.config import ModelConfig
 
 GiB = 1024**3
@@ -111,7 +112,7 @@ def plan_memory(
 ) -> MemoryPlan:
     """`weights="int4"`: attention, MLP (experts too) and output projections at 4 bits plus a bf16 scale and
     offset per 32 weights (up to two planes for 8-bit GGUF blocks: counted as one, the common case);
-    dense projections twice (`quant.Int4Linear.rows16`)."""
+    dense projections twice where the fused decode step runs (`cpu_decode.covers`)."""
     if max_batch < 1 or max_seq_len < 2:
         raise ValueError("max_batch must be >= 1 and max_seq_len >= 2")
     params = count_params(cfg)
@@ -122,8 +123,10 @@ def plan_memory(
                       if cfg.layer_is_moe(i))
         dense = sum(3 * cfg.hidden_size * cfg.intermediate_size for i in range(cfg.num_layers)
                     if not cfg.layer_is_moe(i)) + params.attention + cfg.vocab_size * cfg.hidden_size  # + output head
-        # Dense projections are held twice: for torch's int4 kernel and for the fused decode step.
-        weight_bytes += int((experts + 2 * dense) * 0.625) - (experts + dense) * elem
+        # Dense projections are held twice where the fused decode step runs: for torch's int4 kernel
+        # and in that step's layout.
+        copies = 2 if cpu_decode.covers(cfg, dtype) else 1
+        weight_bytes += int((experts + copies * dense) * 0.625) - (experts + dense) * elem
         if cfg.tie_word_embeddings:  # the embedding table stays dense for lookups, the output head is int4
             weight_bytes += cfg.vocab_size * cfg.hidden_size * elem
     # Activations: a prefill chunk's logits row and MLP intermediate, plus the RoPE tables; small next
